@@ -1,0 +1,120 @@
+"""The command line: ``python -m merging merge|inspect|analyze|emr-extract|zoo|bench ...``.
+
+Exit codes: 0 success, 2 bad input (one ``error:`` line on stderr), 1 internal failure (a bug: traceback shown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import MergeError
+
+
+def _progress_bar(desc: str):
+    """A tqdm bar on a terminal, nothing otherwise; returns (callback, close)."""
+    if not sys.stderr.isatty():
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc=desc, leave=False)
+
+    def update(p) -> None:
+        bar.total = p.bytes_total
+        bar.set_description(f"{desc} [{p.phase}] {p.tensors_done}/{p.tensors_total} tensors")
+        bar.n = p.bytes_done
+        bar.refresh()
+
+    return update, bar.close
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine import run_merge
+
+    config = load_config(args.config)
+    if args.seed is not None:
+        config = config.model_copy(update={"seed": args.seed})
+    progress, close = _progress_bar("merge")
+    try:
+        result = run_merge(config, args.out_dir, device=args.device, max_shard_size=args.max_shard_size,
+                           allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=progress,
+                           resolver=_resolver(args))
+    finally:
+        close()
+    print(f"merged {result.tensors} tensors ({result.bytes_written / 1e9:.3f} GB) into {result.out_dir} "
+          f"in {result.seconds:.1f} s on {result.device}")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_paths
+
+    print(inspect_paths(args.paths, allow_pickle=args.allow_pickle, resolver=_resolver(args)))
+    return 0
+
+
+def _resolver(args: argparse.Namespace):
+    """How references that are not local paths are opened (the Hub), or None when that is not available."""
+    try:
+        from .hub import hub_resolver
+    except ImportError:
+        return None
+    return hub_resolver(token=getattr(args, "token", None))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m merging", description="Merge fine-tuned checkpoints and explain the merge.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("merge", help="run a merge config into OUT_DIR")
+    p.add_argument("config", help="the merge config (mergekit-compatible YAML)")
+    p.add_argument("out_dir", help="the folder to create; it appears only when the merge succeeds")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--seed", type=int, default=None, help="seed for the random methods (overrides the config)")
+    p.add_argument("--allow-pickle", action="store_true", help="load PyTorch pickles with torch.load(weights_only=True)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("inspect", help="describe checkpoints; with several, check them against the first")
+    p.add_argument("paths", nargs="+", help="checkpoint folders, .safetensors files or Hub repo ids")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    for add in _extra_commands():
+        add(sub)
+    return parser
+
+
+def _extra_commands():
+    """Subcommands that live beside the modules they drive (analysis, EMR, zoo, bench)."""
+    adders = []
+    for module in ("analysis_cli", "emr_cli", "zoo.cli", "bench"):
+        try:
+            mod = __import__(f"merging.{module}", fromlist=["add_commands"])
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("merging."):
+                continue
+            raise
+        adders.append(mod.add_commands)
+    return adders
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

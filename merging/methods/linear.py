@@ -1,0 +1,56 @@
+"""Weighted averages of whole weights (model soups) and of task vectors (task arithmetic)."""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import MergeMethod, Param, TensorContext, register
+
+WEIGHT = Param("weight", float, 1.0, "how much this model counts (negative values subtract it)", per_model=True)
+
+
+def _stacked_weights(weights: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(weights, dtype=like.dtype, device=like.device).view(-1, *([1] * like.dim()))
+
+
+def linear(base: torch.Tensor | None, models: list[torch.Tensor], params: dict, ctx: TensorContext) -> torch.Tensor:
+    """Model soup (Wortsman et al. 2022): θ = Σ w_i θ_i, divided by Σ w_i when ``normalize``."""
+    weights = params["weight"]
+    merged = torch.zeros_like(models[0])
+    for w, theta in zip(weights, models):
+        merged.add_(theta, alpha=w)
+    if params["normalize"]:
+        total = sum(weights)
+        merged.div_(total if abs(total) > 1e-8 else 1.0)
+    return merged
+
+
+def task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], params: dict, ctx: TensorContext) -> torch.Tensor:
+    """Task arithmetic (Ilharco et al. 2023): θ = θ_base + λ Σ w_i τ_i with τ_i = θ_i − θ_base
+    (divided by Σ w_i when ``normalize``)."""
+    weights = params["weight"]
+    merged = torch.zeros_like(base)
+    for w, theta in zip(weights, models):
+        merged.add_(theta - base, alpha=w)
+    if params["normalize"]:
+        total = sum(weights)
+        merged.div_(total if abs(total) > 1e-8 else 1.0)
+    return base + params["lambda"] * merged
+
+
+register(MergeMethod(
+    name="linear", fn=linear,
+    summary="weighted average of the models' weights (model soup)",
+    paper="Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
+    params=(WEIGHT, Param("normalize", bool, True, "divide by the sum of the weights")),
+    base="optional", min_models=1,
+))
+
+register(MergeMethod(
+    name="task_arithmetic", fn=task_arithmetic,
+    summary="adds the weighted sum of task vectors (fine-tune minus base) to the base",
+    paper="Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
+    params=(WEIGHT, Param("lambda", float, 1.0, "scales the merged task vector"),
+            Param("normalize", bool, False, "divide the sum of task vectors by the sum of the weights")),
+    base="required", min_models=1,
+))

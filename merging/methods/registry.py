@@ -1,0 +1,136 @@
+"""The method registry: each merge method is a pure function on tensors plus a parameter schema.
+
+The schema drives everything that is not tensor math: config validation, the CLI, the app's method form, the
+README's table of methods. Adding a method is one function and one ``@register`` call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method: what the form shows, what validation enforces."""
+
+    name: str
+    type: type  # float, int, bool or str
+    default: Any
+    help: str
+    per_model: bool = False  # set in models[].parameters (a value per input) or globally
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    choices: tuple[str, ...] | None = None
+
+    def check(self, value: Any, where: str) -> Any:
+        """Validate one scalar value; returns it converted to the parameter's type."""
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: `{self.name}` must be true or false, got {value!r}")
+            return value
+        if self.type is str:
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                options = f" (one of: {', '.join(self.choices)})" if self.choices else ""
+                raise ConfigError(f"{where}: `{self.name}` must be a string{options}, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: `{self.name}` must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: `{self.name}` must be finite, got {value!r}")
+        if self.type is int and value != int(value):
+            raise ConfigError(f"{where}: `{self.name}` must be an integer, got {value!r}")
+        low_ok = self.min is None or (value > self.min if self.min_exclusive else value >= self.min)
+        if not low_ok or (self.max is not None and value > self.max):
+            raise ConfigError(f"{where}: `{self.name}` = {value} is outside {self.range_text()}")
+        return self.type(value)
+
+    def range_text(self) -> str:
+        low = "-inf" if self.min is None else f"{self.min:g}"
+        high = "inf" if self.max is None else f"{self.max:g}"
+        return f"{'(' if self.min_exclusive or self.min is None else '['}{low}, {high}{')' if self.max is None else ']'}"
+
+
+@dataclass
+class TensorContext:
+    """What a method may know about the tensor it merges, besides the tensors themselves."""
+
+    name: str
+    seed: int = 0
+    reduced: torch.Tensor | None = None  # the whole-model totals from the method's reduction pass
+    model_names: tuple[str, ...] = ()
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator seeded by (seed, tensor name): the same bytes in any order, on any thread."""
+        gen = torch.Generator(device=device)
+        gen.manual_seed(stable_seed(self.seed, self.name))
+        return gen
+
+
+def stable_seed(seed: int, name: str) -> int:
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class MergeFn(Protocol):
+    def __call__(self, base: torch.Tensor | None, models: list[torch.Tensor], params: dict[str, Any],
+                 ctx: TensorContext) -> torch.Tensor | dict[str, torch.Tensor]: ...
+
+
+class ReduceFn(Protocol):
+    def __call__(self, base: torch.Tensor | None, models: list[torch.Tensor], params: dict[str, Any],
+                 ctx: TensorContext) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method. ``fn`` gets float32 tensors and resolved parameters (per-model ones as lists)."""
+
+    name: str
+    fn: MergeFn
+    summary: str
+    paper: str
+    params: tuple[Param, ...] = ()
+    base: str = "required"  # "required", "optional" or "none"
+    min_models: int = 1
+    max_models: int | None = None
+    # A streaming first pass over every tensor; its per-tensor 1-D results are summed and given to fn as
+    # ctx.reduced. For whole-model quantities (EMR rescalers, whole-model NAN).
+    reduce: ReduceFn | None = None
+    randomized: bool = False
+    # An optional hook that turns the reduction totals into extra files for the output folder.
+    finalize: Callable[..., dict[str, bytes]] | None = None
+    # For methods whose result is not one tensor per input tensor (EMR): the (name, spec) pairs a task writes.
+    outputs: Callable[..., list] | None = None
+    tags: tuple[str, ...] = field(default=())
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    if method.name in REGISTRY:
+        raise ValueError(f"method {method.name!r} registered twice")
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str, where: str = "config") -> MergeMethod:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"{where}: unknown merge_method {name!r} (known: {', '.join(sorted(REGISTRY))})") from None

@@ -1,0 +1,135 @@
+"""A checkpoint made of one or more safetensors files, read through positioned reads.
+
+Local files and HTTP range requests share this code: only the ``ByteReader`` differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..errors import SourceError
+from ..safetensors_io import TensorInfo, parse_header, tensor_from_bytes
+from .base import CheckpointSource, TensorSpec
+
+
+class ByteReader(ABC):
+    """Random access to the bytes of one file."""
+
+    label: str
+    size: int
+
+    @abstractmethod
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with the bytes at ``offset``; raise SourceError if the file is shorter."""
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.read_into(offset, memoryview(buf))
+        return bytes(buf)
+
+    def close(self) -> None:
+        pass
+
+
+class LocalFile(ByteReader):
+    def __init__(self, path: str) -> None:
+        self.label = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise SourceError(f"{path}: cannot be opened ({exc.strerror})") from None
+        self.size = os.fstat(self._fd).st_size
+
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        done = 0
+        while done < len(buffer):
+            n = os.preadv(self._fd, [buffer[done:]], offset + done)
+            if n == 0:
+                raise SourceError(f"{self.label}: file ended early at byte {offset + done}; it was truncated or changed while reading")
+            done += n
+        if len(buffer) > (1 << 26):
+            # Large reads would otherwise stay in the page cache and be counted against a small Space.
+            try:
+                os.posix_fadvise(self._fd, offset, len(buffer), os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class SafetensorsCheckpoint(CheckpointSource):
+    """Tensors spread over safetensors files; ``weight_map`` says which file holds which tensor."""
+
+    def __init__(self, label: str, readers: dict[str, ByteReader], side_files: dict[str, callable] | None = None) -> None:
+        self.label = label
+        self._readers = readers
+        self._infos: dict[str, TensorInfo] = {}
+        self._where: dict[str, str] = {}
+        self._side = side_files or {}
+        self._read_bytes = 0
+        self._lock = threading.Lock()
+        for fname, reader in readers.items():
+            infos, _ = parse_header(reader.read_at, reader.size, f"{label}/{fname}" if len(readers) > 1 or fname else label)
+            for name, info in infos.items():
+                if name in self._infos:
+                    raise SourceError(f"{label}: tensor {name!r} appears in both {self._where[name]} and {fname}")
+                self._infos[name] = info
+                self._where[name] = fname
+        if not self._infos:
+            raise SourceError(f"{label}: the checkpoint holds no tensors")
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return {n: TensorSpec(i.dtype, i.shape) for n, i in self._infos.items()}
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        info = self._infos.get(name)
+        if info is None:
+            raise SourceError(f"{self.label}: has no tensor {name!r}")
+        start, end, count = info.start, info.end, None
+        if rows is not None:
+            lo, hi = rows
+            if not info.shape or not 0 <= lo <= hi <= info.shape[0]:
+                raise SourceError(f"{self.label}: rows {rows} are outside tensor {name!r} of shape {list(info.shape)}")
+            start, end, count = info.start + lo * info.row_bytes, info.start + hi * info.row_bytes, hi - lo
+        buf = bytearray(end - start)
+        if buf:
+            self._readers[self._where[name]].read_into(start, memoryview(buf))
+        with self._lock:
+            self._read_bytes += len(buf)
+        return tensor_from_bytes(info, buf, count)
+
+    def bytes_read(self) -> int:
+        return self._read_bytes
+
+    def file_names(self) -> list[str]:
+        return sorted(self._side)
+
+    def read_file(self, filename: str) -> bytes | None:
+        loader = self._side.get(filename)
+        return loader() if loader else None
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+
+
+def shard_files_from_index(index_bytes: bytes, label: str) -> list[str]:
+    """The shard file names listed by a ``model.safetensors.index.json``."""
+    try:
+        index = json.loads(index_bytes)
+        weight_map = index["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise SourceError(f"{label}: model.safetensors.index.json has no valid `weight_map`") from None
+    for f in files:
+        if not isinstance(f, str) or "/" in f or "\\" in f or f.startswith("."):
+            raise SourceError(f"{label}: index names an unsafe shard file {f!r}")
+    return files

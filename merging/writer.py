@@ -1,0 +1,221 @@
+"""Writing the merged checkpoint: sharded safetensors laid out in advance, side files, model card, atomic finish.
+
+Because the plan knows every output tensor's name, dtype and shape before any is computed, each shard's header
+is written first and each tensor goes straight to its offset when it is ready: no shard is ever buffered in
+memory, tensors may finish in any order, and the disk space is reserved up front, so a full disk fails at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import yaml
+
+from .errors import MergeError
+from .safetensors_io import DTYPE_NAMES, header_bytes, tensor_bytes
+from .sources.base import TensorSpec
+
+INDEX_NAME = "model.safetensors.index.json"
+_TMP_MARK = ".mergescope-tmp-"
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '1.5GiB' or a byte count → bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?i?B?)\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise MergeError(f"max shard size {text!r} is not a size like 5GB or 500MB")
+    unit = m.group(2).upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
+    size = int(float(m.group(1)) * base ** power)
+    if size <= 0:
+        raise MergeError(f"max shard size {text!r} must be positive")
+    return size
+
+
+class ShardedWriter:
+    """Writes planned tensors into pre-sized shards; ``write`` may be called in any order, from any thread."""
+
+    def __init__(self, folder: Path, outputs: list[tuple[str, TensorSpec]], max_shard_size: int,
+                 metadata: dict | None = None) -> None:
+        self.folder = folder
+        groups: list[list[tuple[str, TensorSpec]]] = [[]]
+        size = 0
+        for name, spec in outputs:
+            if groups[-1] and size + spec.nbytes > max_shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, spec))
+            size += spec.nbytes
+        n = len(groups)
+        self.files = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        self._where: dict[str, tuple[int, int, TensorSpec]] = {}  # name -> (fd, absolute offset, spec)
+        self._fds: list[int] = []
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+        meta = {"format": "pt", **(metadata or {})}
+        for fname, group in zip(self.files, groups):
+            head, offsets = header_bytes([(nm, sp.dtype, sp.shape) for nm, sp in group], meta)
+            fd = os.open(folder / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            data_size = sum(sp.nbytes for _, sp in group)
+            _reserve(fd, len(head) + data_size)
+            _pwrite_all(fd, memoryview(head), 0)
+            for (nm, sp), off in zip(group, offsets):
+                self._where[nm] = (fd, len(head) + off, sp)
+                self.weight_map[nm] = fname
+                self.total_size += sp.nbytes
+        self._written: set[str] = set()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._pending: list[Future] = []
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        fd, offset, spec = self._where[name]
+        if tuple(tensor.shape) != spec.shape or DTYPE_NAMES[tensor.dtype] != spec.dtype:
+            raise AssertionError(f"{name}: computed {DTYPE_NAMES[tensor.dtype]}{list(tensor.shape)}, planned {spec.dtype}{list(spec.shape)}")
+        _pwrite_all(fd, tensor_bytes(tensor), offset)
+        self._written.add(name)
+
+    def write_async(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue a write; at most two stay pending, so memory stays bounded while compute goes on."""
+        while len(self._pending) >= 2:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(self.write, name, tensor))
+
+    def flush(self) -> None:
+        while self._pending:
+            self._pending.pop(0).result()
+
+    def finish(self) -> None:
+        self.flush()
+        missing = set(self._where) - self._written
+        if missing:
+            raise AssertionError(f"{len(missing)} planned tensors were never written, e.g. {sorted(missing)[0]}")
+        for fd in self._fds:
+            os.fsync(fd)
+        self.close()
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def close(self) -> None:
+        for fut in self._pending:
+            fut.cancel()
+        self._pool.shutdown(wait=True)
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+
+
+def _reserve(fd: int, size: int) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (28, 27):  # ENOSPC, EFBIG
+            raise MergeError(f"not enough disk space for the output ({size / 1e9:.2f} GB needed): {exc.strerror}") from None
+        os.ftruncate(fd, size)  # the filesystem cannot preallocate; write sparse
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    data = data.cast("B") if data.format != "B" else data
+    while len(data):
+        try:
+            n = os.pwrite(fd, data, offset)
+        except OSError as exc:
+            if exc.errno in (28, 27):
+                raise MergeError(f"disk full while writing the output: {exc.strerror}") from None
+            raise
+        data = data[n:]
+        offset += n
+
+
+class OutputFolder:
+    """A temporary folder beside OUT_DIR, renamed to OUT_DIR only on success, removed on any failure.
+
+    Temp folders left by a killed process (their pid no longer alive) are removed on the next run.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+        self.out = Path(out_dir).absolute()
+        self.overwrite = overwrite
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        if self.out.exists() and not self.overwrite and (self.out.is_file() or any(self.out.iterdir())):
+            raise MergeError(f"{self.out}: already exists; choose a new output folder or pass --overwrite")
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MergeError(f"{self.out.parent}: cannot create the output's parent folder ({exc.strerror})") from None
+        remove_stale_temp_folders(self.out)
+        self.tmp = self.out.parent / f".{self.out.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        try:
+            if self.out.exists():
+                old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(self.out, old)
+                os.rename(self.tmp, self.out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(self.tmp, self.out)
+        except OSError:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+
+def remove_stale_temp_folders(out: Path) -> list[Path]:
+    removed = []
+    for p in out.parent.glob(f".{out.name}{_TMP_MARK}*"):
+        pid = p.name.rsplit(_TMP_MARK, 1)[1].split("-")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def model_card(config_yaml: str, method_name: str, method_summary: str, paper: str, inputs: list[str],
+               notes: list[str]) -> str:
+    """A README.md for the Hub: front matter listing every input as base_model, then what was done."""
+    front = {"base_model": inputs, "library_name": "transformers", "tags": ["merge", "mergescope", method_name]}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+             "# Merged model", "",
+             f"This checkpoint was merged with Mergescope using **{method_name}**: "
+             f"{method_summary}", "", f"Method reference: {paper}", "", "## Inputs", ""]
+    lines += [f"- `{m}`" for m in inputs]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    lines += ["", "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", "",
+              f"Merged on {time.strftime('%Y-%m-%d')}.", ""]
+    return "\n".join(lines)
