@@ -79,18 +79,25 @@ class ShardedWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self._pending: list[Future] = []
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> None:
+        """Write a whole tensor, or the band of rows starting at ``first_row``."""
         fd, offset, spec = self._where[name]
-        if tuple(tensor.shape) != spec.shape or DTYPE_NAMES[tensor.dtype] != spec.dtype:
-            raise AssertionError(f"{name}: computed {DTYPE_NAMES[tensor.dtype]}{list(tensor.shape)}, planned {spec.dtype}{list(spec.shape)}")
-        _pwrite_all(fd, tensor_bytes(tensor), offset)
-        self._written.add(name)
+        whole = first_row == 0 and tuple(tensor.shape) == spec.shape
+        fits = (tensor.dim() == len(spec.shape) and tuple(tensor.shape[1:]) == spec.shape[1:]
+                and first_row + (tensor.shape[0] if tensor.dim() else 1) <= (spec.shape[0] if spec.shape else 1))
+        if DTYPE_NAMES[tensor.dtype] != spec.dtype or not (whole or fits):
+            raise AssertionError(f"{name}: computed {DTYPE_NAMES[tensor.dtype]}{list(tensor.shape)} at row {first_row}, "
+                                 f"planned {spec.dtype}{list(spec.shape)}")
+        row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else 0
+        _pwrite_all(fd, tensor_bytes(tensor), offset + first_row * row_bytes)
+        if whole or first_row + tensor.shape[0] == spec.shape[0]:
+            self._written.add(name)
 
-    def write_async(self, name: str, tensor: torch.Tensor) -> None:
+    def write_async(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> None:
         """Queue a write; at most two stay pending, so memory stays bounded while compute goes on."""
         while len(self._pending) >= 2:
             self._pending.pop(0).result()
-        self._pending.append(self._pool.submit(self.write, name, tensor))
+        self._pending.append(self._pool.submit(self.write, name, tensor, first_row))
 
     def flush(self) -> None:
         while self._pending:
@@ -101,8 +108,6 @@ class ShardedWriter:
         missing = set(self._where) - self._written
         if missing:
             raise AssertionError(f"{len(missing)} planned tensors were never written, e.g. {sorted(missing)[0]}")
-        for fd in self._fds:
-            os.fsync(fd)
         self.close()
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}

@@ -20,7 +20,7 @@ class Param:
     """One parameter of a method: what the form shows, what validation enforces."""
 
     name: str
-    type: type  # float, int, bool or str
+    type: type  # float, int, bool, str, or list (a list of strings, e.g. name filters; never per-layer)
     default: Any
     help: str
     per_model: bool = False  # set in models[].parameters (a value per input) or globally
@@ -34,6 +34,10 @@ class Param:
         if self.type is bool:
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}: `{self.name}` must be true or false, got {value!r}")
+            return value
+        if self.type is list:
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}: `{self.name}` must be a list of strings, got {value!r}")
             return value
         if self.type is str:
             if not isinstance(value, str) or (self.choices and value not in self.choices):
@@ -65,6 +69,10 @@ class TensorContext:
     seed: int = 0
     reduced: torch.Tensor | None = None  # the whole-model totals from the method's reduction pass
     model_names: tuple[str, ...] = ()
+    # Element-wise methods may be called on a band of rows: ``band`` is (start, stop) then, None for the whole
+    # tensor; ``shape`` is always the whole tensor's (so a reduction can divide by its full size).
+    band: tuple[int, int] | None = None
+    shape: tuple[int, ...] = ()
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded by (seed, tensor name): the same bytes in any order, on any thread."""
@@ -105,7 +113,13 @@ class MergeMethod:
     # A streaming first pass over every tensor; its per-tensor 1-D results are summed and given to fn as
     # ctx.reduced. For whole-model quantities (EMR rescalers, whole-model NAN).
     reduce: ReduceFn | None = None
+    # Whether this plan needs the reduction pass at all (e.g. NAN only with `nan_scope: model`); None: always
+    # when `reduce` is set. Saves a whole extra read of every input when the parameters do not need it.
+    reduce_needed: Callable[..., bool] | None = None
     randomized: bool = False
+    # True when each output element depends only on the inputs at that element (plus per-tensor parameters and
+    # ctx.reduced): the engine then runs fn (and reduce, whose per-band results must add up) on row bands.
+    elementwise: bool | Callable[..., bool] = False  # or a function of the plan
     # An optional hook that turns the reduction totals into extra files for the output folder.
     finalize: Callable[..., dict[str, bytes]] | None = None
     # For methods whose result is not one tensor per input tensor (EMR): the (name, spec) pairs a task writes.

@@ -52,12 +52,6 @@ class LocalFile(ByteReader):
             if n == 0:
                 raise SourceError(f"{self.label}: file ended early at byte {offset + done}; it was truncated or changed while reading")
             done += n
-        if len(buffer) > (1 << 26):
-            # Large reads would otherwise stay in the page cache and be counted against a small Space.
-            try:
-                os.posix_fadvise(self._fd, offset, len(buffer), os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
 
     def close(self) -> None:
         if self._fd >= 0:
