@@ -1,0 +1,262 @@
+"""``python -m merging bench``: our engine against mergekit on the same synthetic llama checkpoints.
+
+Writes a base and N fine-tunes (base + small noise) of a llama-shaped model, then runs the same YAML through
+``python -m merging merge`` and, when installed, ``mergekit-yaml``, each in its own process, several times; prints
+per method the best wall time of each, the ratio, each process's peak resident memory, and whether the outputs
+agree. The floor printed first is the time to read every input once from the page cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import MergeError
+from .safetensors_io import DTYPE_NAMES, read_local_header, tensor_from_bytes
+from .sources.base import TensorSpec
+from .writer import ShardedWriter
+
+DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_ties", "emr")
+METHOD_PARAMS = {
+    "linear": {},
+    "task_arithmetic": {"lambda": 0.5},
+    "ties": {"density": 0.2, "lambda": 1.0},
+    "dare_ties": {"density": 0.2, "lambda": 1.0},
+    "dare_linear": {"density": 0.2, "lambda": 1.0},
+    "breadcrumbs_ties": {"density": 0.2, "gamma": 0.01},
+    "della": {"density": 0.2, "epsilon": 0.1},
+    "emr": {},
+}
+RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
+OURS_ONLY = {"emr"}
+
+
+@dataclass
+class Shape:
+    hidden: int = 2048
+    intermediate: int = 5632
+    layers: int = 8
+    vocab: int = 32000
+    models: int = 3
+    dtype: str = "bfloat16"
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        h, i = self.hidden, self.intermediate
+        out = [("model.embed_tokens.weight", (self.vocab, h))]
+        for n in range(self.layers):
+            p = f"model.layers.{n}."
+            out += [(f"{p}self_attn.{x}_proj.weight", (h, h)) for x in "qkvo"]
+            out += [(f"{p}mlp.gate_proj.weight", (i, h)), (f"{p}mlp.up_proj.weight", (i, h)),
+                    (f"{p}mlp.down_proj.weight", (h, i)), (f"{p}input_layernorm.weight", (h,)),
+                    (f"{p}post_attention_layernorm.weight", (h,))]
+        return out + [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
+
+    def parameters(self) -> int:
+        return sum(torch.Size(s).numel() for _, s in self.tensors())
+
+    def config_json(self) -> dict:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.hidden,
+                "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
+                "num_attention_heads": max(1, self.hidden // 128), "num_key_value_heads": max(1, self.hidden // 128),
+                "vocab_size": self.vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": False, "torch_dtype": self.dtype, "hidden_act": "silu"}
+
+
+def write_models(root: Path, shape: Shape, seed: int = 0) -> tuple[Path, list[Path]]:
+    """Write base and fine-tunes tensor by tensor (never a whole model in memory); reuse a matching set."""
+    stamp = root / "shape.json"
+    names = ["base"] + [f"ft{k}" for k in range(shape.models)]
+    if stamp.exists() and json.loads(stamp.read_text()) == asdict(shape):
+        return root / "base", [root / n for n in names[1:]]
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[shape.dtype]
+    specs = [(n, TensorSpec(DTYPE_NAMES[dtype], s)) for n, s in shape.tensors()]
+    writers = []
+    for n in names:
+        (root / n).mkdir()
+        (root / n / "config.json").write_text(json.dumps(shape.config_json()))
+        writers.append(ShardedWriter(root / n, specs, 1 << 62))
+    gen = torch.Generator().manual_seed(seed)
+    for name, spec in specs:
+        base = torch.randn(spec.shape, generator=gen) * 0.02
+        if name.endswith("norm.weight"):
+            base += 1
+        writers[0].write(name, base.to(dtype))
+        for w in writers[1:]:
+            w.write(name, (base + torch.randn(spec.shape, generator=gen) * 0.002).to(dtype))
+    for w in writers:
+        w.finish()
+    stamp.write_text(json.dumps(asdict(shape)))
+    return root / "base", [root / n for n in names[1:]]
+
+
+def read_floor(folders: list[Path]) -> float:
+    """Seconds to read every input file once from the page cache (read twice; the second is timed)."""
+    files = [f for d in folders for f in sorted(d.glob("*.safetensors"))]
+    buf = bytearray(64 << 20)
+    view = memoryview(buf)
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                while os.readv(fd, [view]) > 0:
+                    pass
+            finally:
+                os.close(fd)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, str]:
+    """Wall seconds, peak resident bytes of the process tree's largest member, return code, stderr tail."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    proc.stderr.close()
+    return wall, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status), err[-400:]
+
+
+def compare_outputs(ours: Path, theirs: Path) -> str:
+    """'yes' when every tensor agrees within bf16 rounding, else the worst tensor and its difference."""
+    ours_h = _all_headers(ours)
+    theirs_h = _all_headers(theirs)
+    missing = set(ours_h) ^ set(theirs_h)
+    if missing:
+        return f"no: names differ ({sorted(missing)[0]})"
+    worst, worst_name = 0.0, ""
+    for name, (path, info) in ours_h.items():
+        a = _read(path, info).float()
+        b = _read(*theirs_h[name]).float()
+        if a.shape != b.shape:
+            return f"no: {name} shape {list(a.shape)} vs {list(b.shape)}"
+        scale = b.abs().clamp_min(1e-6)
+        rel = ((a - b).abs() / scale).max().item() if a.numel() else 0.0
+        if rel > worst:
+            worst, worst_name = rel, name
+    return "yes" if worst <= 2 ** -7 else f"no: {worst_name} rel. diff {worst:.2e}"
+
+
+def _all_headers(folder: Path):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        for name, info in read_local_header(f)[0].items():
+            out[name] = (f, info)
+    return out
+
+
+def _read(path: Path, info) -> torch.Tensor:
+    with open(path, "rb") as f:
+        f.seek(info.start)
+        return tensor_from_bytes(info, bytearray(f.read(info.nbytes)))
+
+
+def bench(shape: Shape, methods: list[str], repeat: int, workdir: Path, use_mergekit: bool, device: str) -> dict:
+    base, tunes = write_models(workdir / "models", shape)
+    floor = read_floor([base, *tunes])
+    mergekit = shutil.which("mergekit-yaml") if use_mergekit else None
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "HF_HUB_OFFLINE": "1"}
+    rows = []
+    for method in methods:
+        params = METHOD_PARAMS.get(method, {})
+        models = "\n".join(f"  - model: {t}\n    parameters: {{weight: 1.0}}" for t in tunes)
+        if method == "emr":
+            models = "\n".join(f"  - model: {t}" for t in tunes)
+        cfg = workdir / f"{method}.yml"
+        cfg.write_text(f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}\n"
+                       f"parameters: {json.dumps(params)}\ndtype: {shape.dtype}\n")
+        row = {"method": method}
+        for who in ("ours", "mergekit"):
+            if who == "mergekit" and (not mergekit or method in OURS_ONLY):
+                continue
+            out = workdir / f"out_{who}_{method}"
+            times, peaks = [], []
+            for _ in range(repeat):
+                shutil.rmtree(out, ignore_errors=True)
+                if who == "ours":
+                    cmd = [sys.executable, "-m", "merging", "merge", str(cfg), str(out), "--device", device]
+                else:
+                    cmd = [mergekit, str(cfg), str(out), "--no-copy-tokenizer", "--allow-crimes", "--out-shard-size", "5B"]
+                    if device == "cuda":
+                        cmd.append("--cuda")
+                wall, peak, rc, err = run_measured(cmd, env)
+                if rc != 0:
+                    raise MergeError(f"bench: {who} failed on {method} (exit {rc}): {err.strip().splitlines()[-1] if err.strip() else ''}")
+                times.append(wall)
+                peaks.append(peak)
+            row[f"{who}_s"] = min(times)
+            row[f"{who}_peak_bytes"] = max(peaks)
+        if "mergekit_s" in row:
+            row["time_ratio"] = row["ours_s"] / row["mergekit_s"]
+            row["memory_ratio"] = row["ours_peak_bytes"] / row["mergekit_peak_bytes"]
+            row["outputs_agree"] = ("n/a (random)" if method in RANDOM_METHODS
+                                    else compare_outputs(workdir / f"out_ours_{method}", workdir / f"out_mergekit_{method}"))
+        rows.append(row)
+    input_bytes = sum(f.stat().st_size for d in (base, *tunes) for f in d.glob("*.safetensors"))
+    return {"shape": asdict(shape), "parameters_per_model": shape.parameters(), "input_bytes": input_bytes,
+            "read_floor_s": floor, "cpu_count": os.cpu_count(), "torch": torch.__version__, "device": device,
+            "results": rows}
+
+
+def format_table(report: dict) -> str:
+    lines = [f"inputs: base + {report['shape']['models']} × {report['parameters_per_model'] / 1e9:.2f} B parameters "
+             f"({report['shape']['dtype']}), {report['input_bytes'] / 1e9:.2f} GB; read floor {report['read_floor_s']:.2f} s; "
+             f"{report['cpu_count']} CPUs, device {report['device']}",
+             "| method | ours (s) | mergekit (s) | time ratio | ours peak RSS (GB) | mergekit peak RSS (GB) | memory ratio | outputs agree |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        def fmt(key: str, f: str) -> str:
+            return f.format(r[key]) if key in r else "–"
+        lines.append(f"| {r['method']} | {fmt('ours_s', '{:.2f}')} | {fmt('mergekit_s', '{:.2f}')} | {fmt('time_ratio', '{:.3f}')} | "
+                     f"{r['ours_peak_bytes'] / 1e9:.2f} | "
+                     f"{(r['mergekit_peak_bytes'] / 1e9) if 'mergekit_peak_bytes' in r else float('nan'):.2f} | "
+                     f"{fmt('memory_ratio', '{:.3f}')} | {r.get('outputs_agree', '–')} |")
+    return "\n".join(lines)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    shape = Shape(args.hidden, args.intermediate, args.layers, args.vocab, args.models, args.dtype)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from .methods import REGISTRY
+
+    unknown = [m for m in methods if m not in REGISTRY]
+    if unknown:
+        raise MergeError(f"--methods: unknown method(s) {', '.join(unknown)}")
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir()) / "mergescope-bench"
+    workdir.mkdir(parents=True, exist_ok=True)
+    report = bench(shape, methods, args.repeat, workdir, not args.no_mergekit, args.device)
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("bench", help="time our merges against mergekit on synthetic llama checkpoints")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--models", type=int, default=3, help="fine-tunes besides the base")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--workdir", default=None, help="where checkpoints and outputs go (reused between runs)")
+    p.add_argument("--no-mergekit", action="store_true", help="time only our engine")
+    p.add_argument("--json", default=None, help="also write the figures as JSON")
+    p.set_defaults(func=cmd_bench)
