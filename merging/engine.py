@@ -98,26 +98,61 @@ class Executor:
         self.progress = progress
         self.cancel = cancel or (lambda: False)
 
+    def bands(self, task: TensorTask, elementwise: bool) -> list[tuple[int, int] | None]:
+        """Row bands of about BAND_ELEMENTS for element-wise methods and copies; [None] means the whole tensor."""
+        shape = task.spec.shape
+        banded = (task.copy or elementwise) and task.shared_rows is None and len(shape) >= 1
+        row = task.spec.numel // shape[0] if shape and shape[0] else 0
+        if not banded or task.spec.numel <= BAND_ELEMENTS or row == 0:
+            return [None]
+        step = max(1, BAND_ELEMENTS // row)
+        return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+
+    def is_elementwise(self) -> bool:
+        elementwise = self.plan.method.elementwise
+        return bool(elementwise(self.plan) if callable(elementwise) else elementwise)
+
+    def tensor_stats(self, task: TensorTask, reduced: torch.Tensor | None):
+        """Run the method's statistics passes over one tensor's bands (read again: the page cache serves them)."""
+        stats = None
+        bands = self.bands(task, self.is_elementwise())
+        for stats_pass in self.plan.method.stats:
+            combined: dict[str, torch.Tensor] = {}
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stats-prefetch") as pool:
+                pending = pool.submit(self.read_inputs, task, bands[0])
+                for i, band in enumerate(bands):
+                    base, models = pending.result()
+                    if i + 1 < len(bands):
+                        pending = pool.submit(self.read_inputs, task, bands[i + 1])
+                    b = self.to_compute(base, task.shared_rows) if base is not None else None
+                    ms = [self.to_compute(m, task.shared_rows) for m in models]
+                    part = stats_pass.collect(b, ms, task.params, self.context(task, band, reduced, stats))
+                    for key, value in part.items():
+                        if key not in combined:
+                            combined[key] = [value] if key in stats_pass.concat else value
+                        elif key in stats_pass.concat:
+                            combined[key].append(value)
+                        else:
+                            combined[key] = combined[key] + value
+            for key in stats_pass.concat:
+                if key in combined:
+                    combined[key] = torch.cat(combined[key])
+            ctx = self.context(task, None, reduced, stats)
+            stats = stats_pass.finish(combined, task.params, ctx) if stats_pass.finish else combined
+        return stats
+
+    def context(self, task: TensorTask, band, reduced, stats) -> TensorContext:
+        return TensorContext(task.name, self.plan.config.seed, reduced, task.model_names, band=band,
+                             shape=task.spec.shape, stats=stats)
+
     def units(self, tasks: list[TensorTask]) -> list[tuple[TensorTask, tuple[int, int] | None]]:
         """Split the work: row bands of about BAND_ELEMENTS for element-wise methods and copies, else whole tensors.
 
         Bands keep every buffer small and reused, so a 65M-element embedding costs no more memory than a
         layer norm, and reading, computing and writing overlap at a fine grain.
         """
-        units: list[tuple[TensorTask, tuple[int, int] | None]] = []
-        elementwise = self.plan.method.elementwise
-        if callable(elementwise):
-            elementwise = elementwise(self.plan)
-        for task in tasks:
-            shape = task.spec.shape
-            banded = (task.copy or elementwise) and task.shared_rows is None and len(shape) >= 1
-            row = task.spec.numel // shape[0] if shape and shape[0] else 0
-            if not banded or task.spec.numel <= BAND_ELEMENTS or row == 0:
-                units.append((task, None))
-                continue
-            step = max(1, BAND_ELEMENTS // row)
-            units += [(task, (r, min(r + step, shape[0]))) for r in range(0, shape[0], step)]
-        return units
+        elementwise = self.is_elementwise()
+        return [(task, band) for task in tasks for band in self.bands(task, elementwise)]
 
     def read_inputs(self, task: TensorTask, band: tuple[int, int] | None = None):
         """The task's tensors (or one row band of them) as stored, on the CPU."""
@@ -159,12 +194,12 @@ class Executor:
             raise Cancelled("merge cancelled; nothing was written")
 
     def compute(self, task: TensorTask, base: torch.Tensor | None, models: list[torch.Tensor],
-                reduced: torch.Tensor | None = None, reducing: bool = False, band: tuple[int, int] | None = None):
+                reduced: torch.Tensor | None = None, reducing: bool = False, band: tuple[int, int] | None = None,
+                stats=None):
         rows = task.shared_rows
         b = self.to_compute(base, rows) if base is not None else None
         ms = [self.to_compute(m, rows) for m in models]
-        ctx = TensorContext(task.name, self.plan.config.seed, reduced, task.model_names, band=band,
-                            shape=task.spec.shape)
+        ctx = self.context(task, band, reduced, stats)
         fn = self.plan.method.reduce if reducing else self.plan.method.fn
         return fn(b, ms, task.params, ctx)
 
@@ -204,17 +239,21 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
         with OutputFolder(out_dir, overwrite) as tmp:
             reduced = executor.reduction()
             outputs = _planned_outputs(plan)
+            planned = dict(outputs)
             writer = ShardedWriter(tmp, outputs, shard_bytes)
+            stats = None
             try:
                 for task, band, base, models in executor.stream(plan.tasks, "merge", banded=True):
                     first_row = band[0] if band else 0
                     if task.copy:
                         writer.write_async(task.name, base.to(DTYPES[task.spec.dtype]), first_row)
                         continue
-                    result = executor.compute(task, base, models, reduced, band=band)
-                    if isinstance(result, dict):
+                    if plan.method.stats and (band is None or band[0] == 0):
+                        stats = executor.tensor_stats(task, reduced)
+                    result = executor.compute(task, base, models, reduced, band=band, stats=stats)
+                    if isinstance(result, dict):  # several outputs per input tensor (EMR), each in its planned dtype
                         for name, tensor in result.items():
-                            writer.write_async(name, tensor.cpu(), first_row)
+                            writer.write_async(name, tensor.to(DTYPES[planned[name].dtype]).cpu(), first_row)
                     else:
                         writer.write_async(task.name, executor.finish_tensor(task, result, base), first_row)
                 writer.finish()

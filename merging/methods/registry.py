@@ -73,6 +73,7 @@ class TensorContext:
     # tensor; ``shape`` is always the whole tensor's (so a reduction can divide by its full size).
     band: tuple[int, int] | None = None
     shape: tuple[int, ...] = ()
+    stats: Any = None  # the result of the method's per-tensor statistics passes (see StatsPass)
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded by (seed, tensor name): the same bytes in any order, on any thread."""
@@ -86,6 +87,21 @@ def stable_seed(seed: int, name: str) -> int:
 
     digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class StatsPass:
+    """A pass over one tensor's row bands that gathers what a method needs before merging it band by band.
+
+    ``collect(base, models, params, ctx)`` returns named tensors for one band (ctx.stats holds the previous
+    pass's result); the engine sums them over the bands, or concatenates the keys listed in ``concat``; then
+    ``finish(combined, params, ctx)`` turns the totals into what the next pass and the method see as ctx.stats.
+    Top-k thresholds, norms and cosines of whole tensors are computed this way without holding a whole tensor.
+    """
+
+    collect: Callable[..., dict[str, torch.Tensor]]
+    finish: Callable[..., Any] | None = None
+    concat: tuple[str, ...] = ()
 
 
 class MergeFn(Protocol):
@@ -120,6 +136,8 @@ class MergeMethod:
     # True when each output element depends only on the inputs at that element (plus per-tensor parameters and
     # ctx.reduced): the engine then runs fn (and reduce, whose per-band results must add up) on row bands.
     elementwise: bool | Callable[..., bool] = False  # or a function of the plan
+    # Per-tensor passes run before fn on each tensor (their result reaches fn as ctx.stats); see StatsPass.
+    stats: tuple[StatsPass, ...] = ()
     # An optional hook that turns the reduction totals into extra files for the output folder.
     finalize: Callable[..., dict[str, bytes]] | None = None
     # For methods whose result is not one tensor per input tensor (EMR): the (name, spec) pairs a task writes.

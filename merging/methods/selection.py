@@ -1,0 +1,173 @@
+"""Exact top-k by magnitude over a whole tensor, found band by band (Floyd–Rivest style selection).
+
+Sparsifying methods keep the k largest |τ| of each task vector. Sorting 65M elements per model is the slowest
+part of a TIES merge, and holding them is the largest part of its memory, so instead:
+
+1. a strided sample of |τ| brackets the k-th largest value between two sample order statistics;
+2. one pass counts the elements above the bracket and collects the few inside it; the exact k-th largest is
+   selected among those candidates;
+3. elements equal to the threshold are kept in flat index order until exactly k are kept, so the count is
+   exact and the result deterministic.
+
+If a bracket misses (the sample was unlucky; the margin makes this rare), a last pass collects that model's
+whole tensor and selects directly, so the answer is always exact.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .registry import StatsPass, TensorContext
+
+SAMPLE_STRIDE = 61  # prime, so a stride never lines up with a row length
+
+
+def _magnitudes(base: torch.Tensor | None, models: list[torch.Tensor], relative: bool) -> list[torch.Tensor]:
+    if relative:
+        return [(m - base).abs_().reshape(-1) for m in models]
+    return [m.abs().reshape(-1) for m in models]
+
+
+def _band_start(ctx: TensorContext) -> int:
+    return ctx.band[0] if ctx.band else 0
+
+
+def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = True) -> tuple[StatsPass, ...]:
+    """Stats passes giving, per model i, exact thresholds for the ranks ``ranks(params, i, numel)``.
+
+    ``ctx.stats`` after them is a list per model of ``Cut`` objects (one per requested rank, in order).
+    ``relative`` selects on |θ_i − θ_base| (task vectors) instead of |θ_i|.
+    """
+
+    def sample(base, models, params, ctx):
+        mags = _magnitudes(base, models, relative)
+        return {f"s{i}": a[::SAMPLE_STRIDE].clone() for i, a in enumerate(mags)}
+
+    def brackets(combined, params, ctx):
+        numel = math.prod(ctx.shape)
+        out = []
+        for i in range(len([k for k in combined if k.startswith("s")])):
+            s = torch.sort(combined[f"s{i}"], descending=True).values
+            m = s.numel()
+            cuts = []
+            for k in ranks(params, i, numel):
+                r = k * m / numel
+                margin = 4.0 * math.sqrt(max(r * (1 - r / m), 1.0)) + 8
+                hi_rank, lo_rank = int(r - margin), int(math.ceil(r + margin))
+                hi = float("inf") if hi_rank < 0 else float(s[hi_rank])
+                lo = -1.0 if lo_rank >= m else float(s[lo_rank])
+                cuts.append((k, lo, hi))
+            out.append(cuts)
+        return out
+
+    def count(base, models, params, ctx):
+        mags = _magnitudes(base, models, relative)
+        part = {}
+        start = torch.tensor([_band_start(ctx)], dtype=torch.int64)
+        part["start"] = start
+        for i, a in enumerate(mags):
+            for j, (_, lo, hi) in enumerate(ctx.stats[i]):
+                part[f"gt{i}_{j}"] = (a > hi).sum(dtype=torch.int64)
+                inside = a[(a > lo) & (a <= hi)]
+                part[f"c{i}_{j}"] = inside
+                part[f"n{i}_{j}"] = torch.tensor([inside.numel()], dtype=torch.int64)
+        return part
+
+    def select(combined, params, ctx):
+        result = []
+        starts = combined["start"].tolist()
+        for i, cuts in enumerate(ctx.stats):
+            model_cuts = []
+            for j, (k, lo, hi) in enumerate(cuts):
+                cand = combined[f"c{i}_{j}"]
+                above = int(combined[f"gt{i}_{j}"])
+                need = k - above  # how many of the candidates are kept
+                if k <= 0:
+                    model_cuts.append(Cut(k, float("inf"), 0, {}))
+                elif 1 <= need <= cand.numel():
+                    thr = float(torch.kthvalue(cand, cand.numel() - need + 1).values)
+                    model_cuts.append(_cut(k, thr, above + int((cand > thr).sum()), cand, combined[f"n{i}_{j}"], starts))
+                else:
+                    model_cuts.append(Cut(k, math.nan, 0, {}))  # bracket missed: resolved by the fallback pass
+            result.append(model_cuts)
+        return result
+
+    def fallback_collect(base, models, params, ctx):
+        missing = [i for i, cuts in enumerate(ctx.stats) if any(math.isnan(c.threshold) for c in cuts)]
+        if not missing:
+            return {}
+        mags = _magnitudes(base, models, relative)
+        part = {"start": torch.tensor([_band_start(ctx)], dtype=torch.int64)}
+        for i in missing:
+            part[f"a{i}"] = mags[i].clone()
+            part[f"n{i}"] = torch.tensor([mags[i].numel()], dtype=torch.int64)
+        return part
+
+    def fallback_finish(combined, params, ctx):
+        if not combined:
+            return ctx.stats
+        starts = combined["start"].tolist()
+        fixed = []
+        for i, cuts in enumerate(ctx.stats):
+            if f"a{i}" not in combined:
+                fixed.append(cuts)
+                continue
+            a = combined[f"a{i}"]
+            model_cuts = []
+            for cut in cuts:
+                if not math.isnan(cut.threshold):
+                    model_cuts.append(cut)
+                    continue
+                thr = float(torch.kthvalue(a, a.numel() - cut.k + 1).values)
+                model_cuts.append(_cut(cut.k, thr, int((a > thr).sum()), a, combined[f"n{i}"], starts))
+            fixed.append(model_cuts)
+        return fixed
+
+    return (
+        StatsPass(sample, brackets, concat=tuple(f"s{i}" for i in range(64))),
+        StatsPass(count, select, concat=("start",) + tuple(f"{p}{i}_{j}" for p in "cn" for i in range(64) for j in range(4))),
+        StatsPass(fallback_collect, fallback_finish, concat=("start",) + tuple(f"{p}{i}" for p in "an" for i in range(64))),
+    )
+
+
+class Cut:
+    """The exact k-th largest magnitude and how ties at it are broken (first ``ties_kept`` in flat order)."""
+
+    __slots__ = ("k", "threshold", "ties_kept", "ties_before")
+
+    def __init__(self, k: int, threshold: float, ties_kept: int, ties_before: dict[int, int]) -> None:
+        self.k = k
+        self.threshold = threshold
+        self.ties_kept = ties_kept  # how many elements equal to the threshold are kept; -1: all of them
+        self.ties_before = ties_before  # band start row -> elements equal to the threshold in earlier bands
+
+    def keep(self, magnitude: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+        """The boolean mask of kept elements for this band (same shape as ``magnitude``)."""
+        if self.k <= 0:
+            return torch.zeros_like(magnitude, dtype=torch.bool)
+        mask = magnitude > self.threshold
+        if self.ties_kept < 0:
+            return mask | (magnitude == self.threshold)
+        if self.ties_kept == 0:
+            return mask
+        equal = (magnitude == self.threshold).reshape(-1)
+        before = self.ties_before.get(_band_start(ctx), 0)
+        order = torch.cumsum(equal, 0, dtype=torch.int64) + before
+        return mask | (equal & (order <= self.ties_kept)).reshape(magnitude.shape)
+
+
+def _cut(k: int, thr: float, above: int, values: torch.Tensor, lengths: torch.Tensor, starts: list[int]) -> Cut:
+    equal_total = int((values == thr).sum())
+    kept = k - above
+    if kept >= equal_total:
+        return Cut(k, thr, -1, {})
+    # Ties are cut: how many equal elements lie in bands before each band, from the per-band value counts.
+    before, running, offset = {}, 0, 0
+    for start, n in zip(starts, lengths.tolist()):
+        before[start] = running
+        running += int((values[offset:offset + n] == thr).sum())
+        offset += n
+    return Cut(k, thr, kept, before)
