@@ -71,6 +71,7 @@ class MergeConfig(_Strict):
     tokenizer_source: str | None = None  # accepted for mergekit compatibility; tokenizer files come from the base
     seed: int = 0
     allow_vocab_mismatch: bool = False
+    refuse_nonfinite: bool = False  # stop when a merged tensor holds NaN or Inf (always reported)
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -108,13 +109,17 @@ class MergeConfig(_Strict):
         return yaml.safe_dump(self.model_dump(exclude_defaults=True, mode="json"), sort_keys=False)
 
 
+class _AliasFound(Exception):
+    def __init__(self, line: int) -> None:
+        self.line = line
+
+
 class _NoAliasLoader(yaml.SafeLoader):
-    """A YAML loader that refuses anchors and aliases: a few lines of them can expand to gigabytes."""
+    """A YAML loader that refuses aliases: a few lines of them can expand to gigabytes."""
 
     def compose_node(self, parent, index):  # type: ignore[override]
         if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise ConfigError(f"config: YAML aliases are not allowed (line {event.start_mark.line + 1})")
+            raise _AliasFound(self.peek_event().start_mark.line + 1)
         return super().compose_node(parent, index)
 
 
@@ -124,6 +129,8 @@ def parse_config(text: str, *, source: str = "config") -> MergeConfig:
         raise ConfigError(f"{source}: larger than {MAX_CONFIG_BYTES} bytes")
     try:
         data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except _AliasFound as found:
+        raise ConfigError(f"{source}: YAML aliases are not allowed (line {found.line})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

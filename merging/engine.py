@@ -242,6 +242,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
             planned = dict(outputs)
             writer = ShardedWriter(tmp, outputs, shard_bytes)
             stats = None
+            nonfinite: dict[str, int] = {}
             try:
                 for task, band, base, models in executor.stream(plan.tasks, "merge", banded=True):
                     first_row = band[0] if band else 0
@@ -255,10 +256,13 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
                         for name, tensor in result.items():
                             writer.write_async(name, tensor.to(DTYPES[planned[name].dtype]).cpu(), first_row)
                     else:
-                        writer.write_async(task.name, executor.finish_tensor(task, result, base), first_row)
+                        out = executor.finish_tensor(task, result, base)
+                        _count_nonfinite(out, task.name, nonfinite, config.refuse_nonfinite)
+                        writer.write_async(task.name, out, first_row)
                 writer.finish()
             finally:
                 writer.close()
+            plan.report.notes.extend(f"{name}: {n} NaN/Inf values in the merged tensor" for name, n in nonfinite.items())
             _write_side_files(tmp, plan, sources, reduced)
             files = sorted(p.name for p in tmp.iterdir())
         return MergeResult(Path(out_dir).absolute(), files, len(plan.tasks), writer.total_size,
@@ -266,6 +270,18 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
     finally:
         for src in sources.values():
             src.close()
+
+
+def _count_nonfinite(tensor: torch.Tensor, name: str, counts: dict[str, int], refuse: bool) -> None:
+    """Report NaN/Inf in merged weights (they come from the inputs); stop at the first when asked to refuse."""
+    if not tensor.is_floating_point():
+        return
+    bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+    if bad:
+        if refuse:
+            raise MergeError(f"{name}: {bad} NaN/Inf values in the merged tensor (refuse_nonfinite is set); "
+                             "check the inputs with `python -m merging inspect`")
+        counts[name] = counts.get(name, 0) + bad
 
 
 def _planned_outputs(plan: MergePlan):

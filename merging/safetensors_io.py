@@ -104,7 +104,9 @@ def parse_header(read_at: Callable[[int, int], bytes], file_size: int, label: st
 
 
 def _tensor_info(name: str, entry: object, data_start: int, data_size: int, label: str) -> TensorInfo:
-    where = f"{label}: tensor {name!r}"
+    where = f"{label}: tensor {name[:80]!r}"
+    if not name or len(name) > 1024 or any(c in name for c in "/\\\0") or not name.isprintable():
+        raise SourceError(f"{where}: tensor names must be 1-1024 printable characters without path separators")
     if not isinstance(entry, dict):
         raise SourceError(f"{where}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
