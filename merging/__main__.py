@@ -57,12 +57,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _resolver(args: argparse.Namespace):
-    """How references that are not local paths are opened (the Hub), or None when that is not available."""
-    try:
-        from .hub import hub_resolver
-    except ImportError:
-        return None
-    return hub_resolver(token=getattr(args, "token", None))
+    """How references that are not local paths are opened: Hub repos, streamed or cached (token from HF_TOKEN)."""
+    from .hub import hub_resolver
+
+    return hub_resolver(cache=getattr(args, "hub_cache", False))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for the random methods (overrides the config)")
     p.add_argument("--allow-pickle", action="store_true", help="load PyTorch pickles with torch.load(weights_only=True)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--hub-cache", action="store_true",
+                   help="download Hub inputs into the huggingface_hub cache instead of streaming them")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("inspect", help="describe checkpoints; with several, check them against the first")
