@@ -52,6 +52,9 @@ def resolve(method: MergeMethod, global_params: Mapping[str, Any], model_params:
 
 def _lookup(p: Param, scopes: tuple[Mapping[str, Any], ...], tensor_name: str, t: float) -> Any:
     for scope in scopes:
+        if p.name in scope and p.type is list:  # a list of strings is one value, not per-layer anchors
+            setting = scope[p.name]
+            return tuple(setting) if isinstance(setting, list) else (setting,)
         if p.name in scope:
             value = evaluate(scope[p.name], tensor_name, t)
             if value is not None:
@@ -103,6 +106,8 @@ def _check_params(method: MergeMethod, params: Mapping[str, Any], where: str, *,
             raise ConfigError(f"{where}: unknown parameter `{name}` for {method.name!r}{hint}")
         if not global_allowed and not p.per_model:
             raise ConfigError(f"{where}: `{name}` is a global parameter of {method.name!r}; set it under the top-level `parameters`")
+        if p.type is list and not all(isinstance(v, str) for v in (setting if isinstance(setting, list) else [setting])):
+            raise ConfigError(f"{where}: `{name}` must be a string or a list of strings, got {setting!r}")
         for value in _scalars(setting, f"{where}.{name}"):
             p.check(value, where)
 

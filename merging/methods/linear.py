@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..coefficients import COEFFICIENT_PARAMS, model_weights, nan_reduce, needs_model_norms
 from .registry import MergeMethod, Param, TensorContext, register
 
 WEIGHT = Param("weight", float, 1.0, "how much this model counts (negative values subtract it)", per_model=True)
@@ -14,8 +15,9 @@ def _stacked_weights(weights: list[float], like: torch.Tensor) -> torch.Tensor:
 
 
 def linear(base: torch.Tensor | None, models: list[torch.Tensor], params: dict, ctx: TensorContext) -> torch.Tensor:
-    """Model soup (Wortsman et al. 2022): θ = Σ w_i θ_i, divided by Σ w_i when ``normalize``."""
-    weights = params["weight"]
+    """Model soup (Wortsman et al. 2022): θ = Σ w_i θ_i, divided by Σ w_i when ``normalize``
+    (w_i = NAN's α_i with ``coefficients: nan``)."""
+    weights = model_weights(base, models, params, ctx)
     merged = torch.zeros_like(models[0])
     for w, theta in zip(weights, models):
         merged.add_(theta, alpha=w)
@@ -27,8 +29,8 @@ def linear(base: torch.Tensor | None, models: list[torch.Tensor], params: dict, 
 
 def task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], params: dict, ctx: TensorContext) -> torch.Tensor:
     """Task arithmetic (Ilharco et al. 2023): θ = θ_base + λ Σ w_i τ_i with τ_i = θ_i − θ_base
-    (divided by Σ w_i when ``normalize``)."""
-    weights = params["weight"]
+    (divided by Σ w_i when ``normalize``; w_i = NAN's α_i with ``coefficients: nan``)."""
+    weights = model_weights(base, models, params, ctx)
     merged = torch.zeros_like(base)
     for w, theta in zip(weights, models):
         merged.add_(theta - base, alpha=w)
@@ -42,8 +44,8 @@ register(MergeMethod(
     name="linear", fn=linear,
     summary="weighted average of the models' weights (model soup)",
     paper="Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
-    params=(WEIGHT, Param("normalize", bool, True, "divide by the sum of the weights")),
-    base="optional", min_models=1,
+    params=(WEIGHT, Param("normalize", bool, True, "divide by the sum of the weights"), *COEFFICIENT_PARAMS),
+    base="optional", min_models=1, reduce=nan_reduce, reduce_needed=needs_model_norms,
 ))
 
 register(MergeMethod(
@@ -51,6 +53,7 @@ register(MergeMethod(
     summary="adds the weighted sum of task vectors (fine-tune minus base) to the base",
     paper="Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
     params=(WEIGHT, Param("lambda", float, 1.0, "scales the merged task vector"),
-            Param("normalize", bool, False, "divide the sum of task vectors by the sum of the weights")),
-    base="required", min_models=1,
+            Param("normalize", bool, False, "divide the sum of task vectors by the sum of the weights"),
+            *COEFFICIENT_PARAMS),
+    base="required", min_models=1, reduce=nan_reduce, reduce_needed=needs_model_norms,
 ))
