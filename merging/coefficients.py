@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .methods.registry import Param, TensorContext
+from .methods.registry import Param, StatsPass, TensorContext
 
 COEFFICIENT_PARAMS: tuple[Param, ...] = (
     Param("coefficients", str, "weights",
@@ -96,7 +96,21 @@ def model_weights(base: torch.Tensor | None, models: list[torch.Tensor], params:
         if ctx.reduced is None or len(ctx.reduced) != len(models):
             raise ConfigError(f"{ctx.name}: `nan_scope: model` needs every tensor merged from the same number of models")
         return nan_coefficients(ctx.reduced.sqrt())
+    if ctx.stats and "nan_squared_norms" in ctx.stats:  # gathered over the tensor's bands by NAN_NORMS_PASS
+        return nan_coefficients(ctx.stats["nan_squared_norms"].sqrt())
     return nan_coefficients(squared_norms(base, models, params["nan_on"], ctx.name).sqrt())
+
+
+def _uses_tensor_norms(params: dict[str, Any]) -> bool:
+    return params.get("coefficients") == "nan" and params.get("nan_scope", "tensor") == "tensor"
+
+
+# Per-tensor NAN when a method runs band by band: each band's share of ‖x_i‖², summed by the engine.
+NAN_NORMS_PASS = StatsPass(
+    collect=lambda base, models, params, ctx: {"nan_squared_norms": squared_norms(base, models, params["nan_on"], ctx.name)},
+    finish=lambda combined, params, ctx: {**(ctx.stats or {}), **combined},
+    needed=_uses_tensor_norms,
+)
 
 
 def nan_reduce(base: torch.Tensor | None, models: list[torch.Tensor], params: dict[str, Any],

@@ -117,6 +117,10 @@ class Executor:
         stats = None
         bands = self.bands(task, self.is_elementwise())
         for stats_pass in self.plan.method.stats:
+            if stats_pass.needed is not None and not stats_pass.needed(task.params):
+                continue
+            if stats_pass.only_if is not None and not stats_pass.only_if(stats):
+                continue
             combined: dict[str, torch.Tensor] = {}
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stats-prefetch") as pool:
                 pending = pool.submit(self.read_inputs, task, bands[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..coefficients import COEFFICIENT_PARAMS, model_weights, nan_reduce, needs_model_norms
+from ..coefficients import NAN_NORMS_PASS, COEFFICIENT_PARAMS, model_weights, nan_reduce, needs_model_norms
 from .registry import MergeMethod, Param, TensorContext, register
 
 WEIGHT = Param("weight", float, 1.0, "how much this model counts (negative values subtract it)", per_model=True)
@@ -46,6 +46,7 @@ register(MergeMethod(
     paper="Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
     params=(WEIGHT, Param("normalize", bool, True, "divide by the sum of the weights"), *COEFFICIENT_PARAMS),
     base="optional", min_models=1, reduce=nan_reduce, reduce_needed=needs_model_norms,
+    elementwise=True, stats=(NAN_NORMS_PASS,),
 ))
 
 register(MergeMethod(
@@ -56,4 +57,5 @@ register(MergeMethod(
             Param("normalize", bool, False, "divide the sum of task vectors by the sum of the weights"),
             *COEFFICIENT_PARAMS),
     base="required", min_models=1, reduce=nan_reduce, reduce_needed=needs_model_norms,
+    elementwise=True, stats=(NAN_NORMS_PASS,),
 ))

@@ -76,9 +76,11 @@ class TensorContext:
     stats: Any = None  # the result of the method's per-tensor statistics passes (see StatsPass)
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
-        """A generator seeded by (seed, tensor name): the same bytes in any order, on any thread."""
+        """A generator seeded by (seed, tensor name[, first row of the band]): the same bytes in any order, on any
+        number of threads (bands are a fixed size, not a function of the thread count)."""
         gen = torch.Generator(device=device)
-        gen.manual_seed(stable_seed(self.seed, self.name))
+        name = self.name if not self.band or self.band[0] == 0 else f"{self.name}@{self.band[0]}"
+        gen.manual_seed(stable_seed(self.seed, name))
         return gen
 
 
@@ -102,6 +104,8 @@ class StatsPass:
     collect: Callable[..., dict[str, torch.Tensor]]
     finish: Callable[..., Any] | None = None
     concat: tuple[str, ...] = ()
+    needed: Callable[[dict], bool] | None = None  # from the tensor's params: skip the pass (and its reads)
+    only_if: Callable[[Any], bool] | None = None  # from the stats so far: skip unless this holds
 
 
 class MergeFn(Protocol):

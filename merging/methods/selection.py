@@ -23,6 +23,8 @@ import torch
 from .registry import StatsPass, TensorContext
 
 SAMPLE_STRIDE = 61  # prime, so a stride never lines up with a row length
+MAX_MODELS = 64
+MAX_RANKS = 4
 
 
 def _magnitudes(base: torch.Tensor | None, models: list[torch.Tensor], relative: bool) -> list[torch.Tensor]:
@@ -35,11 +37,13 @@ def _band_start(ctx: TensorContext) -> int:
     return ctx.band[0] if ctx.band else 0
 
 
-def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = True) -> tuple[StatsPass, ...]:
+def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = True, key: str = "cuts",
+                needed: Callable[[dict], bool] | None = None) -> tuple[StatsPass, ...]:
     """Stats passes giving, per model i, exact thresholds for the ranks ``ranks(params, i, numel)``.
 
-    ``ctx.stats`` after them is a list per model of ``Cut`` objects (one per requested rank, in order).
-    ``relative`` selects on |θ_i − θ_base| (task vectors) instead of |θ_i|.
+    ``ctx.stats[key]`` after them is a list per model of ``Cut`` objects (one per requested rank, in order);
+    other keys of ``ctx.stats`` pass through. ``relative`` selects on |θ_i − θ_base| (task vectors) instead of
+    |θ_i|. ``needed(params)`` lets a tensor skip the passes (and their reads) when nothing is sparsified.
     """
 
     def sample(base, models, params, ctx):
@@ -48,7 +52,7 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
 
     def brackets(combined, params, ctx):
         numel = math.prod(ctx.shape)
-        out = []
+        out: list = []
         for i in range(len([k for k in combined if k.startswith("s")])):
             s = torch.sort(combined[f"s{i}"], descending=True).values
             m = s.numel()
@@ -61,7 +65,7 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
                 lo = -1.0 if lo_rank >= m else float(s[lo_rank])
                 cuts.append((k, lo, hi))
             out.append(cuts)
-        return out
+        return {**(ctx.stats or {}), key: out}
 
     def count(base, models, params, ctx):
         mags = _magnitudes(base, models, relative)
@@ -69,7 +73,7 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
         start = torch.tensor([_band_start(ctx)], dtype=torch.int64)
         part["start"] = start
         for i, a in enumerate(mags):
-            for j, (_, lo, hi) in enumerate(ctx.stats[i]):
+            for j, (_, lo, hi) in enumerate(ctx.stats[key][i]):
                 part[f"gt{i}_{j}"] = (a > hi).sum(dtype=torch.int64)
                 inside = a[(a > lo) & (a <= hi)]
                 part[f"c{i}_{j}"] = inside
@@ -78,8 +82,9 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
 
     def select(combined, params, ctx):
         result = []
+        numel = math.prod(ctx.shape)
         starts = combined["start"].tolist()
-        for i, cuts in enumerate(ctx.stats):
+        for i, cuts in enumerate(ctx.stats[key]):
             model_cuts = []
             for j, (k, lo, hi) in enumerate(cuts):
                 cand = combined[f"c{i}_{j}"]
@@ -87,16 +92,18 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
                 need = k - above  # how many of the candidates are kept
                 if k <= 0:
                     model_cuts.append(Cut(k, float("inf"), 0, {}))
+                elif k >= numel:
+                    model_cuts.append(Cut(k, -1.0, -1, {}))  # keep everything
                 elif 1 <= need <= cand.numel():
                     thr = float(torch.kthvalue(cand, cand.numel() - need + 1).values)
                     model_cuts.append(_cut(k, thr, above + int((cand > thr).sum()), cand, combined[f"n{i}_{j}"], starts))
                 else:
                     model_cuts.append(Cut(k, math.nan, 0, {}))  # bracket missed: resolved by the fallback pass
             result.append(model_cuts)
-        return result
+        return {**ctx.stats, key: result}
 
     def fallback_collect(base, models, params, ctx):
-        missing = [i for i, cuts in enumerate(ctx.stats) if any(math.isnan(c.threshold) for c in cuts)]
+        missing = [i for i, cuts in enumerate(ctx.stats[key]) if any(math.isnan(c.threshold) for c in cuts)]
         if not missing:
             return {}
         mags = _magnitudes(base, models, relative)
@@ -111,7 +118,7 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
             return ctx.stats
         starts = combined["start"].tolist()
         fixed = []
-        for i, cuts in enumerate(ctx.stats):
+        for i, cuts in enumerate(ctx.stats[key]):
             if f"a{i}" not in combined:
                 fixed.append(cuts)
                 continue
@@ -124,13 +131,24 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
                 thr = float(torch.kthvalue(a, a.numel() - cut.k + 1).values)
                 model_cuts.append(_cut(cut.k, thr, int((a > thr).sum()), a, combined[f"n{i}"], starts))
             fixed.append(model_cuts)
-        return fixed
+        return {**ctx.stats, key: fixed}
+
+    def fallback_needed(params) -> bool:
+        return needed is None or needed(params)
 
     return (
-        StatsPass(sample, brackets, concat=tuple(f"s{i}" for i in range(64))),
-        StatsPass(count, select, concat=("start",) + tuple(f"{p}{i}_{j}" for p in "cn" for i in range(64) for j in range(4))),
-        StatsPass(fallback_collect, fallback_finish, concat=("start",) + tuple(f"{p}{i}" for p in "an" for i in range(64))),
+        StatsPass(sample, brackets, concat=tuple(f"s{i}" for i in range(MAX_MODELS)), needed=needed),
+        StatsPass(count, select, concat=("start",) + tuple(f"{p}{i}_{j}" for p in "cn" for i in range(MAX_MODELS)
+                                                          for j in range(MAX_RANKS)), needed=needed),
+        StatsPass(fallback_collect, fallback_finish, needed=fallback_needed, only_if=_bracket_missed(key),
+                  concat=("start",) + tuple(f"{p}{i}" for p in "an" for i in range(MAX_MODELS))),
     )
+
+
+def _bracket_missed(key: str) -> Callable[[object], bool]:
+    def missed(stats) -> bool:
+        return bool(stats) and key in stats and any(math.isnan(c.threshold) for cuts in stats[key] for c in cuts)
+    return missed
 
 
 class Cut:

@@ -19,12 +19,15 @@ in any order and on any number of threads.
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
 import torch
 
-from ..coefficients import COEFFICIENT_PARAMS, model_weights, nan_reduce, needs_model_norms, ordered_sum
+from ..coefficients import (COEFFICIENT_PARAMS, NAN_NORMS_PASS, model_weights, nan_reduce, needs_model_norms,
+                            ordered_sum)
 from ..errors import ConfigError
-from .registry import MergeMethod, Param, TensorContext, register
+from .registry import MergeMethod, Param, StatsPass, TensorContext, register
+from .selection import topk_passes
 
 
 # --- sparsification: each takes one task vector and returns it with some entries set to zero -----------------
@@ -120,24 +123,81 @@ def della_prune(tau: torch.Tensor, density: float, epsilon: float, generator: to
 
 
 def sparsify(tau: torch.Tensor, how: str | None, params: dict, i: int, generator: torch.Generator | None,
-             where: str) -> torch.Tensor:
-    """Apply sparsification ``how`` to model ``i``'s task vector with its own density (and gamma/epsilon)."""
+             ctx: TensorContext, rescale: bool = True) -> torch.Tensor:
+    """Apply sparsification ``how`` to model ``i``'s task vector with its own density (and gamma/epsilon).
+
+    On a band of a tensor (``ctx.band``) the whole-tensor quantities come from the stats passes in ``ctx.stats``:
+    the exact top-k cuts and the L1 norms for the rescale.
+    """
     if how is None:
         return tau
     density = params["density"][i]
+    cuts = (ctx.stats or {}).get("cuts")
     if how == "magnitude":
-        kept = magnitude_prune(tau, density)
+        kept = tau * cuts[i][0].keep(tau.abs(), ctx) if cuts and density < 1 else magnitude_prune(tau, density)
     elif how == "outliers":
-        kept = magnitude_outliers_prune(tau, density, params["gamma"][i])
+        if cuts and density < 1:
+            magnitude = tau.abs()
+            kept = tau * (cuts[i][0].keep(magnitude, ctx) & ~cuts[i][1].keep(magnitude, ctx))
+        else:
+            kept = magnitude_outliers_prune(tau, density, params["gamma"][i])
     elif how == "random":
         kept = random_prune(tau, density, generator)
     elif how == "della":
-        kept = della_prune(tau, density, params["epsilon"][i], generator, where)
+        kept = della_prune(tau, density, params["epsilon"][i], generator, ctx.name)
     else:
         raise ValueError(how)
-    if params.get("rescale") and density < 1:
-        kept = rescale_l1(tau, kept)
+    if rescale and params.get("rescale") and density < 1:
+        l1 = (ctx.stats or {}).get("l1")
+        if l1 is None:
+            kept = rescale_l1(tau, kept)
+        elif l1[0][i] >= 1e-7 and l1[1][i] >= 1e-7:
+            kept = kept * float(l1[0][i] / l1[1][i])
     return kept
+
+
+def sparsified_ranks(how: str) -> Callable[[dict, int, int], list[int]]:
+    """The ranks whose exact magnitude thresholds ``sparsify`` needs, per model: top-k for TIES; for Breadcrumbs
+    everything but the smallest n_bottom, and the outliers above the kept band."""
+    def ranks(params: dict, i: int, n: int) -> list[int]:
+        density = params["density"][i]
+        if how == "magnitude":
+            return [n if density >= 1 else (0 if density <= 0 else max(1, int(density * n)))]
+        keep = int(density * n)
+        n_bottom = max(0, n - keep - int(params["gamma"][i] * n))
+        return [n - n_bottom, n - n_bottom - keep]
+    return ranks
+
+
+def _sparsifies(params: dict) -> bool:
+    return any(d < 1 for d in params["density"])
+
+
+def _l1_pass(how: str) -> StatsPass:
+    """The L1 norms before and after sparsification, summed over bands, for ``rescale`` (same random draws as the
+    merge itself: the generator is seeded by the band)."""
+    def collect(base, models, params, ctx):
+        generator = ctx.generator(base.device) if how in ("random", "della") else None
+        before, after = [], []
+        for i, theta in enumerate(models):
+            tau = theta - base
+            kept = sparsify(tau, how, params, i, generator, ctx, rescale=False)
+            before.append(ordered_sum(tau.abs()).to(torch.float64))
+            after.append(ordered_sum(kept.abs()).to(torch.float64))
+        return {"l1": torch.stack([torch.stack(before), torch.stack(after)])}
+
+    return StatsPass(collect, finish=lambda combined, params, ctx: {**(ctx.stats or {}), **combined},
+                     needed=lambda params: bool(params.get("rescale")) and _sparsifies(params))
+
+
+def stats_passes(how: str | None) -> tuple[StatsPass, ...]:
+    """What a family member needs before merging a tensor band by band."""
+    passes: tuple[StatsPass, ...] = (NAN_NORMS_PASS,)
+    if how in ("magnitude", "outliers"):
+        passes += topk_passes(sparsified_ranks(how), needed=_sparsifies)
+    if how is not None:
+        passes += (_l1_pass(how),)
+    return passes
 
 
 # --- the generalized merge -------------------------------------------------------------------------------------
@@ -154,7 +214,7 @@ def merge_task_vectors(base: torch.Tensor, models: list[torch.Tensor], params: d
     """θ_base + λ · Σ (m_i) w_i sparsify(τ_i) / divisor: see the module docstring for every term."""
     weights = model_weights(base, models, params, ctx)
     generator = ctx.generator(base.device) if sparsification in ("random", "della") else None
-    deltas = torch.stack([sparsify(theta - base, sparsification, params, i, generator, ctx.name)
+    deltas = torch.stack([sparsify(theta - base, sparsification, params, i, generator, ctx)
                           for i, theta in enumerate(models)])
     w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).view(-1, *([1] * base.dim()))
     deltas.mul_(w)
@@ -214,6 +274,7 @@ def _register(name: str, summary: str, paper: str, sparsification: str | None, c
     register(MergeMethod(
         name=name, fn=fn, summary=summary, paper=paper, params=params, base="required", min_models=1,
         randomized=sparsification in ("random", "della"), reduce=nan_reduce, reduce_needed=needs_model_norms,
+        elementwise=True, stats=stats_passes(sparsification),
     ))
 
 
