@@ -75,7 +75,7 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
         for i, a in enumerate(mags):
             for j, (_, lo, hi) in enumerate(ctx.stats[key][i]):
                 part[f"gt{i}_{j}"] = (a > hi).sum(dtype=torch.int64)
-                inside = a[(a > lo) & (a <= hi)]
+                inside = a[(a >= lo) & (a <= hi)]
                 part[f"c{i}_{j}"] = inside
                 part[f"n{i}_{j}"] = torch.tensor([inside.numel()], dtype=torch.int64)
         return part
