@@ -128,8 +128,12 @@ class Executor:
                     base, models = pending.result()
                     if i + 1 < len(bands):
                         pending = pool.submit(self.read_inputs, task, bands[i + 1])
-                    b = self.to_compute(base, task.shared_rows) if base is not None else None
-                    ms = [self.to_compute(m, task.shared_rows) for m in models]
+                    stride = stats_pass.sample_stride
+                    if stride > 1:  # subsample before converting: a sampling pass costs a fraction of a merge
+                        base = base[:task.shared_rows].reshape(-1)[::stride] if base is not None else None
+                        models = [m[:task.shared_rows].reshape(-1)[::stride] for m in models]
+                    b = self.to_compute(base, None if stride > 1 else task.shared_rows) if base is not None else None
+                    ms = [self.to_compute(m, None if stride > 1 else task.shared_rows) for m in models]
                     part = stats_pass.collect(b, ms, task.params, self.context(task, band, reduced, stats))
                     for key, value in part.items():
                         if key not in combined:

@@ -106,6 +106,7 @@ class StatsPass:
     concat: tuple[str, ...] = ()
     needed: Callable[[dict], bool] | None = None  # from the tensor's params: skip the pass (and its reads)
     only_if: Callable[[Any], bool] | None = None  # from the stats so far: skip unless this holds
+    sample_stride: int = 1  # >1: collect sees only every n-th element of each band (flattened), for sampling
 
 
 class MergeFn(Protocol):

@@ -47,8 +47,8 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
     """
 
     def sample(base, models, params, ctx):
-        mags = _magnitudes(base, models, relative)
-        return {f"s{i}": a[::SAMPLE_STRIDE].clone() for i, a in enumerate(mags)}
+        # The engine hands this pass every SAMPLE_STRIDE-th element only (``sample_stride``), before conversion.
+        return {f"s{i}": a for i, a in enumerate(_magnitudes(base, models, relative))}
 
     def brackets(combined, params, ctx):
         numel = math.prod(ctx.shape)
@@ -137,7 +137,8 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
         return needed is None or needed(params)
 
     return (
-        StatsPass(sample, brackets, concat=tuple(f"s{i}" for i in range(MAX_MODELS)), needed=needed),
+        StatsPass(sample, brackets, concat=tuple(f"s{i}" for i in range(MAX_MODELS)), needed=needed,
+                  sample_stride=SAMPLE_STRIDE),
         StatsPass(count, select, concat=("start",) + tuple(f"{p}{i}_{j}" for p in "cn" for i in range(MAX_MODELS)
                                                           for j in range(MAX_RANKS)), needed=needed),
         StatsPass(fallback_collect, fallback_finish, needed=fallback_needed, only_if=_bracket_missed(key),
@@ -156,23 +157,29 @@ class Cut:
 
     __slots__ = ("k", "threshold", "ties_kept", "ties_before")
 
-    def __init__(self, k: int, threshold: float, ties_kept: int, ties_before: dict[int, int]) -> None:
+    def __init__(self, k: int, threshold: float, ties_kept: int, ties_before: dict[int, tuple[int, int]]) -> None:
         self.k = k
         self.threshold = threshold
         self.ties_kept = ties_kept  # how many elements equal to the threshold are kept; -1: all of them
-        self.ties_before = ties_before  # band start row -> elements equal to the threshold in earlier bands
+        # band start row -> (ties in earlier bands, ties in this band): only the band where the kept count runs out
+        # needs a running count
+        self.ties_before = ties_before
 
     def keep(self, magnitude: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
         """The boolean mask of kept elements for this band (same shape as ``magnitude``)."""
         if self.k <= 0:
             return torch.zeros_like(magnitude, dtype=torch.bool)
-        mask = magnitude > self.threshold
         if self.ties_kept < 0:
-            return mask | (magnitude == self.threshold)
+            return magnitude >= self.threshold
+        mask = magnitude > self.threshold
         if self.ties_kept == 0:
             return mask
+        before, here = self.ties_before.get(_band_start(ctx), (0, None))
+        if before >= self.ties_kept:
+            return mask  # the kept ties all lie in earlier bands
+        if here is not None and before + here <= self.ties_kept:
+            return mask | (magnitude == self.threshold)  # every tie in this band is kept
         equal = (magnitude == self.threshold).reshape(-1)
-        before = self.ties_before.get(_band_start(ctx), 0)
         order = torch.cumsum(equal, 0, dtype=torch.int64) + before
         return mask | (equal & (order <= self.ties_kept)).reshape(magnitude.shape)
 
@@ -185,7 +192,8 @@ def _cut(k: int, thr: float, above: int, values: torch.Tensor, lengths: torch.Te
     # Ties are cut: how many equal elements lie in bands before each band, from the per-band value counts.
     before, running, offset = {}, 0, 0
     for start, n in zip(starts, lengths.tolist()):
-        before[start] = running
-        running += int((values[offset:offset + n] == thr).sum())
+        here = int((values[offset:offset + n] == thr).sum())
+        before[start] = (running, here)
+        running += here
         offset += n
     return Cut(k, thr, kept, before)
