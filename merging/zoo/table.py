@@ -1,0 +1,193 @@
+"""The EMR-Merging paper's main table (Huang et al. 2024, Table 1), on the zoo: per-task test accuracy of each
+method's merge of the eight task fine-tunes, their average, and the normalized accuracy
+(mean over tasks of merged accuracy / that task's individual fine-tune's accuracy).
+
+Merges go through the library (a config validated as ``parse_config`` validates it, run by ``run_merge`` with the
+registered methods; EMR's task models rebuilt by ``emr_cli.extract_task``), so a row is what
+``python -m merging merge`` gives for the same YAML; a method that is not registered (yet) is listed as n/a. Fisher merging and RegMean need data and run here directly.
+Every merged body is scored with each task's own head (the heads are never merged).
+"""
+
+from __future__ import annotations
+
+import importlib
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..config import load_config
+from .eval import Zoo, average, evaluate_checkpoint, evaluate_state
+from .merges import is_registered, merged_tensors, zoo_config
+from .train import single_thread
+
+SPLIT = "test"
+EVOLVED_CONFIG = "evolved.yml"
+# Average accuracy (%) of the same rows in the EMR paper's Table 1 (ViT-B/32, eight vision tasks).
+PAPER_VIT_B32 = {"individual": 90.5, "weight_averaging": 65.8, "fisher": 68.3, "regmean": 71.8,
+                 "task_arithmetic": 70.1, "ties": 73.6, "adamerging": 80.1, "emr": 88.7, "pretrained": 48.3,
+                 "emr_rescale_ta": 76.9, "emr_rescale_ties": 78.6}
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    method: str | None = None  # a registered merge method; None for rows computed otherwise
+    params: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+
+def rows(num_tasks: int) -> list[Row]:
+    """The table's rows with the papers' usual settings (fixed, not tuned on our zoo)."""
+    return [
+        Row("pretrained", "Pre-trained base (linear probe)", note="the base's body with each task's head"),
+        Row("individual", "Individual fine-tunes", note="each task's own fine-tune"),
+        Row("weight_averaging", "Weight averaging", "linear"),
+        Row("task_arithmetic", "Task Arithmetic (λ=0.3)", "task_arithmetic", {"lambda": 0.3}),
+        Row("ties", "TIES (k=20%, λ=1)", "ties", {"density": 0.2, "lambda": 1.0}),
+        Row("dare", "DARE + TA (p=0.5, λ=0.3)", "dare_linear", {"density": 0.5, "lambda": 0.3}),
+        Row("emr", "EMR-Merging", "emr", {"skip": ["head."]}, note="per-task models: elect, mask, rescale"),
+        Row("emr_rescale_ta", "Task Arithmetic + EMR mask & rescale", "emr_rescale",
+            {"unify": "task_arithmetic", "skip": ["head."]}, note="EMR's masks and rescalers on TA's task vector"),
+        Row("emr_rescale_ties", "TIES + EMR mask & rescale", "emr_rescale",
+            {"unify": "ties", "density": 0.2, "skip": ["head."]}, note="EMR's masks and rescalers on TIES"),
+        # NAN's α_i sum to 1; λ = 0.3·N makes equal norms reproduce task arithmetic at λ = 0.3.
+        Row("nan_task_arithmetic", f"NAN + Task Arithmetic (λ=0.3·{num_tasks})", "task_arithmetic",
+            {"coefficients": "nan", "lambda": round(0.3 * num_tasks, 6)}),
+        Row("nan_ties", "NAN + TIES (k=20%, λ=1)", "ties", {"coefficients": "nan", "density": 0.2, "lambda": 1.0}),
+        Row("fisher", "Fisher merging (256 ex./task)", note="diagonal Fisher on each task's training inputs"),
+        Row("regmean", "RegMean (α=0.9, 256 ex./task)", note="Gram matrices of each task's training inputs"),
+        Row("evolved", "Evolutionary search (CMA-ES)", note=f"the committed {EVOLVED_CONFIG}, found on validation"),
+    ]
+
+
+def build_table(zoo: Zoo | None = None, split: str = SPLIT, log: Callable[[str], None] | None = None) -> dict:
+    """Every row of the table on ``split``: {"tasks", "rows": [{key, label, accuracy, average, normalized, ...}]}."""
+    zoo = zoo or Zoo()
+    with single_thread():  # one thread: these tensors are tiny, and extra threads only contend
+        return _build_table(zoo, split, log)
+
+
+def _build_table(zoo: Zoo, split: str, log: Callable[[str], None] | None) -> dict:
+    tasks = zoo.tasks
+    started = time.monotonic()
+    individual = {t: evaluate_state(zoo, zoo.state(t), [t], split)[t] for t in tasks}
+    out_rows = []
+    for row in rows(len(tasks)):
+        t0 = time.monotonic()
+        entry: dict[str, Any] = {"key": row.key, "label": row.label, "method": row.method, "note": row.note}
+        try:
+            scores, config_yaml = _row_scores(row, zoo, tasks, split, individual)
+        except _NotAvailable as exc:
+            entry.update(status=f"n/a: {exc}", accuracy=None, average=None, normalized=None)
+        else:
+            entry.update(status="ok", accuracy=scores, average=average(scores),
+                         normalized=sum(scores[t] / individual[t] for t in tasks) / len(tasks), config=config_yaml)
+        entry["seconds"] = time.monotonic() - t0
+        entry["paper_vit_b32_average"] = PAPER_VIT_B32.get(row.key)
+        out_rows.append(entry)
+        if log:
+            log(f"{row.label}: {entry['status']} ({entry['seconds']:.1f} s)")
+    shown = _shown_path(zoo.root)
+    for entry in out_rows:  # configs as a user would write them from the repository root, not this machine's paths
+        if entry.get("config"):
+            entry["config"] = entry["config"].replace(str(zoo.root), shown)
+    return {"tasks": tasks, "split": split, "rows": out_rows, "seconds": time.monotonic() - started, "zoo": shown}
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the current folder when it lies inside it (``assets/zoo``), else as it is."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+class _NotAvailable(Exception):
+    pass
+
+
+def _row_scores(row: Row, zoo: Zoo, tasks: list[str], split: str, individual: dict[str, float]
+                ) -> tuple[dict[str, float], str | None]:
+    if row.key == "pretrained":
+        return evaluate_state(zoo, zoo.state("base"), tasks, split), None
+    if row.key == "individual":
+        return dict(individual), None
+    if row.key == "fisher":
+        from .fisher import fisher_merge
+
+        return evaluate_state(zoo, fisher_merge(zoo, tasks), tasks, split), None
+    if row.key == "regmean":
+        from .regmean import regmean_merge
+
+        return evaluate_state(zoo, regmean_merge(zoo, tasks), tasks, split), None
+    if row.key == "evolved":
+        from .evolve import config_on_zoo
+
+        path = zoo.root / EVOLVED_CONFIG
+        if not path.is_file():
+            raise _NotAvailable(f"no {path.name} in the zoo (run `python -m merging zoo evolve`)")
+        config = config_on_zoo(load_config(str(path)), zoo)
+        if not is_registered(config.merge_method):
+            raise _NotAvailable(f"method {config.merge_method!r} is not registered")
+        return evaluate_state(zoo, merged_tensors(config, zoo), tasks, split), path.read_text()
+    if not is_registered(row.method):
+        raise _NotAvailable(f"method {row.method!r} is not registered yet")
+    if row.method in ("emr", "emr_rescale"):
+        return emr_scores(zoo, tasks, split, row.method, row.params)
+    config = zoo_config(zoo, row.method, row.params, tasks=tasks)
+    return evaluate_state(zoo, merged_tensors(config, zoo), tasks, split), config.to_yaml()
+
+
+def emr_scores(zoo: Zoo, tasks: list[str], split: str = SPLIT, method: str = "emr",
+               params: dict[str, Any] | None = None) -> tuple[dict[str, float], str]:
+    """EMR-Merging through the CLI's path: merge into a folder, extract each task's model (``emr-extract``), score
+    it on its own task. The heads are kept per task (``skip``), so they do not enter the rescalers."""
+    try:
+        emr_cli = importlib.import_module("merging.emr_cli")
+        extract_task = emr_cli.extract_task
+    except (ModuleNotFoundError, AttributeError):
+        raise _NotAvailable("merging.emr_cli.extract_task is not there yet") from None
+    from ..engine import run_merge
+
+    config = zoo_config(zoo, method, params if params is not None else {"skip": ["head."]}, tasks=tasks)
+    scores = {}
+    with tempfile.TemporaryDirectory(prefix="zoo-emr-") as tmp:
+        merged = Path(tmp) / "merged"
+        run_merge(config, merged, device="cpu")
+        for index, task in enumerate(tasks):
+            out = Path(tmp) / f"task-{task}"
+            extract_task(str(merged), index, str(out))
+            scores[task] = evaluate_checkpoint(out, zoo, [task], split)[task]
+    return scores, config.to_yaml()
+
+
+def to_markdown(table: dict) -> str:
+    """The table in Markdown: accuracy in %, one column per task, then the average and the normalized accuracy."""
+    tasks = table["tasks"]
+    head = ["Method", *tasks, "Avg", "Norm.", "Paper avg (ViT-B/32)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["--:"] * (len(head) - 1)) + "|"]
+    for row in table["rows"]:
+        paper = row.get("paper_vit_b32_average")
+        paper_text = f"{paper:.1f}" if paper is not None else ""
+        if row["accuracy"] is None:
+            cells = [row["label"], *(["n/a"] * len(tasks)), "n/a", "n/a", paper_text]
+        else:
+            cells = [row["label"], *(f"{100 * row['accuracy'][t]:.1f}" for t in tasks), f"{100 * row['average']:.1f}",
+                     f"{100 * row['normalized']:.1f}", paper_text]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"- {r['label']}: {r['status']}" for r in table["rows"] if r["status"] != "ok"]
+    text = "\n".join(lines) + "\n"
+    if notes:
+        text += "\n" + "\n".join(notes) + "\n"
+    return text
+
+
+def scores_tensor(table: dict) -> torch.Tensor:
+    """(rows × tasks) accuracies, NaN where a row is n/a (for charts)."""
+    return torch.tensor([[r["accuracy"][t] if r["accuracy"] else float("nan") for t in table["tasks"]]
+                         for r in table["rows"]])
