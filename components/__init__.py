@@ -1,0 +1,1 @@
+"""Gradio pieces of the app, one module per panel; ``charts`` holds pure functions from statistics to figures."""

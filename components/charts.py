@@ -1,0 +1,214 @@
+"""Pure functions from the analysis statistics (``merging.analysis``, schema in its ``JSON_SCHEMA_DOC``) to Plotly
+figures. No Gradio here: the app's panels and the standalone HTML report (``merging.report``) both use them.
+
+Every chart reads the per-group statistics (embeddings, layer 0 … L−1, head, other) in model order, gives each
+model the same colour everywhere (``model_colors``), and puts exact values in the hover text. In sampled mode,
+rates carry their 95% confidence intervals as error bars.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+PALETTE = list(qualitative.Plotly) + list(qualitative.Dark24)
+NEUTRAL = ("#2f3e46", "#c1121f")  # model-independent series (sign conflict): not in the model palette
+LAYOUT = dict(template="plotly_white", height=440, margin=dict(l=70, r=30, t=70, b=60),
+              legend=dict(title="model"), hoverlabel=dict(namelength=-1))
+
+
+def model_colors(names: list[str]) -> dict[str, str]:
+    """One colour per model, by its position: the same names give the same colours in every chart."""
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
+
+
+def _models(stats: dict) -> tuple[list[str], list[str], dict[str, str]]:
+    meta = stats["meta"]
+    models = list(meta["models"])
+    labels = list(meta.get("model_labels") or models)
+    return models, labels, model_colors(models)
+
+
+def _groups(stats: dict) -> tuple[list[dict], list[str]]:
+    groups = list(stats.get("groups") or [])
+    return groups, [g["name"] for g in groups]
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.6g}"
+
+
+def _mode_note(stats: dict, intervals: bool = False) -> str:
+    """' (sampled: 5% of rows[, 95% CI])' in sampled mode, else nothing."""
+    meta = stats["meta"]
+    if meta.get("mode") == "sampled":
+        return f" (sampled: {meta['sample_fraction']:.0%} of rows{', 95% CI' if intervals else ''})"
+    return ""
+
+
+def _finish(fig: go.Figure, title: str, x_title: str, y_title: str, **layout: Any) -> go.Figure:
+    fig.update_layout(**{**LAYOUT, "title": dict(text=title, x=0.01), **layout})
+    fig.update_xaxes(title_text=x_title)
+    fig.update_yaxes(title_text=y_title)
+    return fig
+
+
+def _rate_trace(groups: list[dict], names: list[str], key: str, label: str, color: str, sampled: bool) -> go.Scatter:
+    rates = [g[key]["rate"] for g in groups]
+    cis = [g[key]["ci95"] for g in groups]
+    hover = []
+    for g, r, ci in zip(groups, rates, cis):
+        text = f"{_fmt(r)}"
+        if ci is not None:
+            text += f" (95% CI {_fmt(ci[0])} – {_fmt(ci[1])})"
+        hover.append(f"{text}<br>rows read {g['rows_read']} of {g['rows']}")
+    error_y = None
+    if sampled and any(ci is not None for ci in cis):
+        error_y = dict(type="data", symmetric=False, visible=True,
+                       array=[(ci[1] - r) if ci and r is not None else None for r, ci in zip(rates, cis)],
+                       arrayminus=[(r - ci[0]) if ci and r is not None else None for r, ci in zip(rates, cis)])
+    return go.Scatter(x=names, y=rates, name=label, mode="lines+markers", line=dict(color=color),
+                      marker=dict(color=color), error_y=error_y, customdata=hover,
+                      hovertemplate="%{x}<br>" + label + ": %{customdata}<extra></extra>")
+
+
+def sign_conflict_chart(stats: dict) -> go.Figure:
+    """Sign-conflict rate by layer, and the |τ| mass against the elected sign after the TIES trim."""
+    groups, names = _groups(stats)
+    sampled = stats["meta"].get("mode") == "sampled"
+    trim = stats["meta"].get("trim", {})
+    densities = sorted(set(trim.get("densities") or []))
+    density_text = ", ".join(f"{d:g}" for d in densities) or "?"
+    fig = go.Figure([
+        _rate_trace(groups, names, "sign_conflict", "sign conflict rate", NEUTRAL[0], sampled),
+        _rate_trace(groups, names, "trimmed_sign_disagreement",
+                    f"|τ| mass against the elected sign (trim density {density_text})", NEUTRAL[1], sampled),
+    ])
+    return _finish(fig, "Where the fine-tunes disagree in sign" + _mode_note(stats, intervals=True), "layer group",
+                   "fraction", yaxis=dict(range=[0, 1]), legend=dict(title="statistic", orientation="h", y=-0.2))
+
+
+def task_vector_norm_chart(stats: dict) -> go.Figure:
+    """‖τ_i‖ by layer per model; the hover adds ‖τ_i‖ / ‖θ_base‖."""
+    groups, names = _groups(stats)
+    models, labels, colors = _models(stats)
+    fig = go.Figure()
+    for i, (model, label) in enumerate(zip(models, labels)):
+        custom = [[_fmt(g["relative_task_vector_norm"][i]), _fmt(g["base_norm"])] for g in groups]
+        fig.add_trace(go.Scatter(
+            x=names, y=[g["task_vector_norm"][i] for g in groups], name=label, mode="lines+markers",
+            line=dict(color=colors[model]), marker=dict(color=colors[model]), customdata=custom,
+            hovertemplate=f"{label}<br>%{{x}}<br>‖τ‖ = %{{y:.6g}}<br>‖τ‖/‖θ_base‖ = %{{customdata[0]}}"
+                          "<br>‖θ_base‖ = %{customdata[1]}<extra></extra>"))
+    return _finish(fig, "Task-vector norm ‖θ_i − θ_base‖ by layer" + _mode_note(stats), "layer group", "‖τ_i‖_F")
+
+
+def nan_coefficients_chart(stats: dict) -> go.Figure:
+    """NAN's α_i ∝ 1/‖θ_i‖ per layer, stacked to 1."""
+    groups, names = _groups(stats)
+    models, labels, colors = _models(stats)
+    on = stats["meta"].get("nan_on", "weights")
+    fig = go.Figure()
+    for i, (model, label) in enumerate(zip(models, labels)):
+        fig.add_trace(go.Bar(
+            x=names, y=[g["nan_coefficients"][i] for g in groups], name=label, marker_color=colors[model],
+            hovertemplate=f"{label}<br>%{{x}}<br>α = %{{y:.6g}}<extra></extra>"))
+    x_name = "θ_i" if on == "weights" else "τ_i"
+    return _finish(fig, f"NAN coefficients α_i ∝ 1/‖{x_name}‖ by layer (stacked to 1)" + _mode_note(stats),
+                   "layer group", "α_i", barmode="stack", yaxis=dict(range=[0, 1]))
+
+
+def cosine_similarity_heatmap(stats: dict, group: str = "model") -> go.Figure:
+    """cos(τ_i, τ_j) for every pair of models, for the whole model or one group (e.g. ``"layer 3"``)."""
+    models, labels, _ = _models(stats)
+    if group == "model":
+        entry = stats["model"]
+    else:
+        entry = next((g for g in stats.get("groups", []) if g["name"] == group), None)
+        if entry is None:
+            raise KeyError(f"no group {group!r} in the statistics")
+    matrix = entry["cosine_similarity"]
+    text = [[_fmt(v) if v is None else f"{v:.3f}" for v in row] for row in matrix]
+    fig = go.Figure(go.Heatmap(
+        z=matrix, x=labels, y=labels, zmin=-1, zmax=1, zmid=0, colorscale="RdBu", text=text,
+        texttemplate="%{text}", colorbar=dict(title="cos"),
+        hovertemplate="cos(τ_%{y}, τ_%{x}) = %{z:.6g}<extra></extra>"))
+    where = "whole model" if group == "model" else group
+    return _finish(fig, f"Cosine similarity of task vectors ({where})" + _mode_note(stats), "model", "model",
+                   yaxis=dict(autorange="reversed"))
+
+
+def emr_modulators_chart(stats: dict) -> go.Figure:
+    """EMR's per-task mask density and rescaler, by layer; the legend gives each task's whole-model values."""
+    groups, names = _groups(stats)
+    models, labels, colors = _models(stats)
+    whole = stats["model"]["emr"]
+    lambdas = stats["meta"].get("emr_rescalers") or [r["rate"] for r in whole["rescaler"]]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("mask density Σ M_i / n", "rescaler Σ|τ_i| / Σ|M_i ⊙ τ_uni|"))
+    for i, (model, label) in enumerate(zip(models, labels)):
+        density = whole["mask_density"][i]["rate"]
+        name = f"{label} (density {_fmt(density)}, λ {_fmt(lambdas[i])})"
+        for col, key in ((1, "mask_density"), (2, "rescaler")):
+            values = [g["emr"][key][i]["rate"] for g in groups]
+            cis = [g["emr"][key][i]["ci95"] for g in groups]
+            hover = [_fmt(v) + (f" (95% CI {_fmt(ci[0])} – {_fmt(ci[1])})" if ci else "") for v, ci in zip(values, cis)]
+            fig.add_trace(go.Scatter(
+                x=names, y=values, name=name, legendgroup=model, showlegend=col == 1, mode="lines+markers",
+                line=dict(color=colors[model]), marker=dict(color=colors[model]), customdata=hover,
+                hovertemplate=f"{label}<br>%{{x}}<br>{key.replace('_', ' ')}: %{{customdata}}"
+                              f"<br>whole-model λ = {_fmt(lambdas[i])}<extra></extra>"), row=1, col=col)
+    title = "EMR modulators per task: mask density and rescaler by layer" + _mode_note(stats, intervals=True)
+    fig = _finish(fig, title, "layer group", "")
+    fig.update_yaxes(title_text="mask density", row=1, col=1)
+    fig.update_yaxes(title_text="rescaler λ", row=1, col=2)
+    return fig
+
+
+RECONSTRUCTIONS = (("unified", "τ_uni alone"), ("masked", "+ mask"), ("masked_rescaled", "+ mask + rescale"))
+
+
+def emr_reconstruction_chart(stats: dict) -> go.Figure:
+    """‖θ_i − θ̂_i‖ / ‖τ_i‖ by layer for EMR's three steps: τ_uni alone, with the mask, with mask and rescaler."""
+    groups, names = _groups(stats)
+    models, labels, colors = _models(stats)
+    fig = make_subplots(rows=1, cols=3, shared_yaxes=True, subplot_titles=[t for _, t in RECONSTRUCTIONS])
+    for i, (model, label) in enumerate(zip(models, labels)):
+        for col, (key, title) in enumerate(RECONSTRUCTIONS, start=1):
+            values = [g["emr"]["reconstruction_error"][key][i] for g in groups]
+            fig.add_trace(go.Scatter(
+                x=names, y=values, name=label, legendgroup=model, showlegend=col == 1, mode="lines+markers",
+                line=dict(color=colors[model]), marker=dict(color=colors[model]),
+                hovertemplate=f"{label}<br>%{{x}}<br>{title}: ‖θ − θ̂‖/‖τ‖ = %{{y:.6g}}<extra></extra>"),
+                row=1, col=col)
+    fig = _finish(fig, "EMR reconstruction error by layer (lower is closer to the fine-tune)" + _mode_note(stats),
+                  "layer group", "")
+    fig.update_yaxes(title_text="‖θ_i − θ̂_i‖ / ‖τ_i‖", row=1, col=1)
+    return fig
+
+
+def merged_distance_chart(stats: dict) -> go.Figure:
+    """‖θ_merged − θ_i‖ / ‖τ_i‖ by layer per model for the configured method."""
+    groups, names = _groups(stats)
+    models, labels, colors = _models(stats)
+    method = stats["meta"].get("method", "")
+    fig = go.Figure()
+    for i, (model, label) in enumerate(zip(models, labels)):
+        values = [g["merged_distance"][i] if g.get("merged_distance") else None for g in groups]
+        fig.add_trace(go.Scatter(
+            x=names, y=values, name=label, mode="lines+markers", line=dict(color=colors[model]),
+            marker=dict(color=colors[model]),
+            hovertemplate=f"{label}<br>%{{x}}<br>‖θ_merged − θ_i‖/‖τ_i‖ = %{{y:.6g}}<extra></extra>"))
+    return _finish(fig, f"Distance from the {method} merge to each fine-tune, by layer" + _mode_note(stats),
+                   "layer group", "‖θ_merged − θ_i‖ / ‖τ_i‖")
+
+
+CHARTS = (sign_conflict_chart, task_vector_norm_chart, nan_coefficients_chart, cosine_similarity_heatmap,
+          emr_modulators_chart, emr_reconstruction_chart, merged_distance_chart)
+
+
+def all_figures(stats: dict) -> list[go.Figure]:
+    """Every chart for these statistics, in the report's order."""
+    return [chart(stats) for chart in CHARTS]
