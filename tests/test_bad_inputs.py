@@ -146,7 +146,7 @@ def test_config_that_is_not_utf8(tmp_path):
 
 
 def test_missing_model_folder(pair):
-    assert_refused(merge(pair, str(pair / "nowhere")), "nowhere: no such file or folder", out=pair / "out")
+    assert_refused(merge(pair, str(pair / "nowhere")), "nowhere", "no such local file or folder", out=pair / "out")
 
 
 def test_index_naming_a_missing_shard(pair):

@@ -295,5 +295,5 @@ def test_the_readme_table_lists_every_method_and_parameter():
         assert any(r.startswith(f"| `{m.name}` |") and m.paper in r for r in rows), m.name
         for p in m.params:
             assert any(r.startswith(f"| `{m.name}` | `{p.name}` |") for r in rows), (m.name, p.name)
-    assert "| `ties` | `density` | 1 | [0, 1] | per model |" in table
+    assert "| `ties` | `density` | 1 | (0, 1] | per model |" in table
     assert "| `slerp` | `t` | 0.5 | [0, 1] | global |" in table

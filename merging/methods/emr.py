@@ -341,7 +341,7 @@ register(MergeMethod(
             Param("weight", float, 1.0, "passed to `unify`: how much this model's task vector counts",
                   per_model=True),
             Param("density", float, 1.0, "passed to `unify` (ties, dare_*, breadcrumbs*, della*): fraction kept",
-                  per_model=True, min=0.0, max=1.0),
+                  per_model=True, min=0.0, max=1.0, min_exclusive=True),
             Param("gamma", float, 0.01, "passed to `unify` (breadcrumbs*): fraction dropped as outliers",
                   per_model=True, min=0.0, max=1.0),
             Param("epsilon", float, 0.15, "passed to `unify` (della*): spread of keep probabilities",

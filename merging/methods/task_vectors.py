@@ -242,7 +242,7 @@ INT8_MASK = Param("int8_mask", bool, False, "accepted for mergekit compatibility
 
 
 def _density(help_text: str) -> Param:
-    return Param("density", float, 1.0, help_text, per_model=True, min=0.0, max=1.0)
+    return Param("density", float, 1.0, help_text, per_model=True, min=0.0, max=1.0, min_exclusive=True)
 
 
 def _normalize(default: bool) -> Param:
