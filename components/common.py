@@ -7,6 +7,7 @@ traceback on the server and shown as one line in the page.
 
 import functools
 import inspect
+import ipaddress
 import logging
 import os
 from dataclasses import dataclass, field
@@ -66,13 +67,15 @@ class AppSettings:
     tensor_delay_s: float = 0.0  # test-only throttle: seconds slept after each merged tensor (see tests)
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> "AppSettings":
+    def from_env(cls, *, host: str | None = None, share: bool = False, **overrides: Any) -> "AppSettings":
+        """Settings from the environment; ``host``/``share`` are the launch's: a server reachable from other
+        machines (not loopback, or a share link) is public, like a Space: no local paths unless the env says so."""
         settings = cls()
         env = os.environ
         if "MERGESCOPE_ALLOW_LOCAL_PATHS" in env:
             settings.allow_local_paths = env["MERGESCOPE_ALLOW_LOCAL_PATHS"].lower() in ("1", "true", "yes")
         else:
-            settings.allow_local_paths = not settings.on_space
+            settings.allow_local_paths = not settings.on_space and is_loopback(host) and not share
         if env.get("MERGESCOPE_MERGE_CONCURRENCY"):
             settings.merge_concurrency = max(1, int(env["MERGESCOPE_MERGE_CONCURRENCY"]))
         if env.get("MERGESCOPE_TEST_TENSOR_DELAY_S"):
@@ -80,6 +83,19 @@ class AppSettings:
         for key, value in overrides.items():
             setattr(settings, key, value)
         return settings
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether a server bound to ``host`` is reachable from this machine only (None: Gradio's default, loopback)."""
+    if not host:
+        return True
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # a host name (or 0.0.0.0's spellings) that others may reach
 
 
 def hf_token(oauth_token: Any = None) -> str | None:

@@ -18,12 +18,9 @@ very moment runs on one thread for those milliseconds.)
 from __future__ import annotations
 
 import copy
-import threading
 import time
-from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 import gradio as gr
 import torch
@@ -32,6 +29,7 @@ from merging.errors import MergeError
 from merging.zoo import learn
 from merging.zoo.data import TASKS
 from merging.zoo.eval import Zoo, accuracy, average
+from merging.zoo.train import single_thread
 from merging.zoo.model import HEAD_PREFIX, build_model
 
 from . import learn_charts
@@ -73,23 +71,8 @@ for the same steps on a much larger model."""
 
 # --- threads ---------------------------------------------------------------------------------------------------
 
-_ZOO_LOCK = threading.Lock()
-
-
-@contextmanager
-def zoo_work() -> Iterator[None]:
-    """One zoo computation at a time, on one thread, with torch's process-wide thread count put back afterwards.
-
-    One thread because the zoo's tensors are tiny: on a busy 2-core machine, two OpenMP threads wait on each other
-    and a λ update takes ~1 s instead of ~0.1 s (measured).
-    """
-    with _ZOO_LOCK:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
+# One zoo computation at a time, single-threaded, the thread count restored (see merging.zoo.train.single_thread).
+zoo_work = single_thread
 
 
 # --- task arithmetic at one λ, fast ------------------------------------------------------------------------------

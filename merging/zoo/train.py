@@ -13,6 +13,7 @@ single-threaded with ``torch.use_deterministic_algorithms(True)``, so the same s
 from __future__ import annotations
 
 import contextlib
+import threading
 import math
 import shutil
 import time
@@ -43,15 +44,24 @@ class Steps:
         return Steps(*(max(1, int(round(v * factor))) for v in (self.pretrain, self.probe, self.fine_tune, self.mlp)))
 
 
+_ZOO_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def single_thread():
-    """One intra-op thread for the duration (the zoo's tensors are tiny: more threads only contend)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    """One zoo computation at a time, on one intra-op thread, the previous thread count put back afterwards.
+
+    One thread because the zoo's tensors are tiny: on a busy 2-core machine two OpenMP threads wait on each other
+    (a λ update of the Learn view took ~1 s instead of ~0.1 s). The lock serialises callers: two interleaving
+    save/restore pairs would otherwise leave the whole process (and the app's merges) on one thread.
+    """
+    with _ZOO_LOCK:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager
