@@ -5,7 +5,7 @@ This file only assembles the panels of ``components/`` and launches; every handl
     python app.py [--host 0.0.0.0] [--port 7860] [--share]
     env: MERGESCOPE_HOST, MERGESCOPE_PORT (or GRADIO_SERVER_NAME / GRADIO_SERVER_PORT), MERGESCOPE_SHARE=1,
          MERGESCOPE_MERGE_CONCURRENCY (merges at once, default 1), MERGESCOPE_MAX_UPLOAD (default 200MB),
-         MERGESCOPE_ALLOW_LOCAL_PATHS (default: on locally, off on a Space)
+         MERGESCOPE_ALLOW_LOCAL_PATHS (default: on on 127.0.0.1; off on a Space, on another --host or --share)
 """
 
 import argparse
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     args = parse_args(argv)
-    settings = AppSettings.from_env(max_upload_bytes=parse_size(args.max_upload))
+    settings = AppSettings.from_env(host=args.host, share=args.share, max_upload_bytes=parse_size(args.max_upload))
     drop_space_owner_token(settings)
     app = build_app(settings)
     # Merges share one concurrency group ("merge", limited per event); everything else runs a few at a time.

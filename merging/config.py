@@ -131,10 +131,12 @@ def parse_config(text: str, *, source: str = "config") -> MergeConfig:
         data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except _AliasFound as found:
         raise ConfigError(f"{source}: YAML aliases are not allowed (line {found.line})") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{source}: YAML nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+        raise ConfigError(_one_line(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}")) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: must be a YAML mapping with `merge_method` and `models`, got {type(data).__name__}")
     return config_from_dict(data, source=source)
@@ -144,12 +146,20 @@ def config_from_dict(data: dict, *, source: str = "config") -> MergeConfig:
     try:
         config = MergeConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_first_error(exc)}") from None
+        raise ConfigError(_one_line(f"{source}: {_first_error(exc)}")) from None
     # Imported here: the method registry imports this module.
     from .params import validate_config
 
-    validate_config(config, source=source)
+    try:
+        validate_config(config, source=source)
+    except ConfigError as exc:
+        raise ConfigError(_one_line(str(exc))) from None
     return config
+
+
+def _one_line(message: str) -> str:
+    """Messages quote the user's strings (model paths, keys); a newline in one must not split the message."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def load_config(path: str) -> MergeConfig:

@@ -20,6 +20,7 @@ from .config import MergeConfig
 from .errors import Cancelled, MergeError
 from .methods.registry import TensorContext
 from .plan import MergePlan, TensorTask, build_plan
+from .resources import check_resources
 from .safetensors_io import DTYPES
 from .sources import CheckpointSource, open_sources
 from .writer import OutputFolder, ShardedWriter, model_card, parse_size
@@ -243,6 +244,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
     try:
         plan = build_plan(config, sources)
         plan.require_compatible()
+        check_resources(plan, out_dir, sources)  # refuse up front rather than die of OOM or a full disk
         executor = Executor(plan, sources, dev, progress, cancel)
         with OutputFolder(out_dir, overwrite) as tmp:
             reduced = executor.reduction()

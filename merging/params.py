@@ -77,8 +77,10 @@ def validate_config(config: MergeConfig, *, source: str = "config") -> None:
         if n < method.min_models or (method.max_models is not None and n > method.max_models):
             want = (f"exactly {method.min_models}" if method.min_models == method.max_models
                     else f"at least {method.min_models}" + (f" and at most {method.max_models}" if method.max_models else ""))
-            what = "model besides the base" if method.base == "required" else "model"
-            raise ConfigError(f"{source}: merge_method {method.name!r} takes {want} {what}{'s' if method.min_models != 1 else ''}, got {n}")
+            last = method.max_models if method.max_models is not None else method.min_models  # the number shown last
+            plural = "" if last == 1 else "s"
+            what = f"model{plural} besides the base" if method.base == "required" else f"model{plural}"
+            raise ConfigError(f"{source}: merge_method {method.name!r} takes {want} {what}, got {n}")
     _check_params(method, config.parameters, f"{source}: parameters", per_model_allowed=True)
     for i, entry in enumerate(config.models):
         _check_params(method, entry.parameters, f"{source}: models[{i}] ({entry.model}) parameters", per_model_allowed=True,
@@ -122,7 +124,7 @@ def _scalars(setting: Any, where: str):
             if isinstance(entry, dict):
                 extra = set(entry) - {"filter", "value"}
                 if extra or "value" not in entry:
-                    raise ConfigError(f"{where}: each entry of a filter list needs `value` (and optionally `filter`), got keys {sorted(entry)}")
+                    raise ConfigError(f"{where}: each entry of a filter list needs `value` (and optionally `filter`), got keys {sorted(map(str, entry))}")
                 if entry.get("filter") is not None and not isinstance(entry["filter"], str):
                     raise ConfigError(f"{where}: `filter` must be a string, got {entry['filter']!r}")
                 yield from _scalars(entry["value"], where)

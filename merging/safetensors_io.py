@@ -84,7 +84,7 @@ def parse_header(read_at: Callable[[int, int], bytes], file_size: int, label: st
         raise SourceError(f"{label}: header length {header_len} runs past the end of the file ({file_size} bytes); the file is truncated or not safetensors")
     try:
         header = json.loads(read_at(8, header_len))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, integers over 4300 digits, deep nesting
         raise SourceError(f"{label}: the header is not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise SourceError(f"{label}: the header is not a JSON object")
@@ -110,7 +110,7 @@ def _tensor_info(name: str, entry: object, data_start: int, data_size: int, labe
     if not isinstance(entry, dict):
         raise SourceError(f"{where}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or object is unhashable
         raise SourceError(f"{where}: unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise SourceError(f"{where}: shape {shape!r} is not a list of non-negative integers")
