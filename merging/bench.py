@@ -132,23 +132,34 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, i
 
 
 def compare_outputs(ours: Path, theirs: Path) -> str:
-    """'yes' when every tensor agrees within bf16 rounding, else the worst tensor and its difference."""
+    """How much of the two outputs agrees within bf16 rounding: the share of elements whose difference is at most
+    2 bf16 steps of their magnitude (plus 2 steps of the tensor's RMS, for values near zero).
+
+    mergekit computes in the config's ``dtype`` (bf16 here) while we compute in float32, so exact equality is not
+    expected; a real difference in the method shows up as a share far below 100 %.
+    """
     ours_h = _all_headers(ours)
     theirs_h = _all_headers(theirs)
     missing = set(ours_h) ^ set(theirs_h)
     if missing:
         return f"no: names differ ({sorted(missing)[0]})"
-    worst, worst_name = 0.0, ""
+    step = 2.0 ** -7
+    off, total, worst, worst_name = 0, 0, 1.0, ""
     for name, (path, info) in ours_h.items():
         a = _read(path, info).float()
         b = _read(*theirs_h[name]).float()
         if a.shape != b.shape:
             return f"no: {name} shape {list(a.shape)} vs {list(b.shape)}"
-        scale = b.abs().clamp_min(1e-6)
-        rel = ((a - b).abs() / scale).max().item() if a.numel() else 0.0
-        if rel > worst:
-            worst, worst_name = rel, name
-    return "yes" if worst <= 2 ** -7 else f"no: {worst_name} rel. diff {worst:.2e}"
+        if not a.numel():
+            continue
+        rms = b.square().mean().sqrt()
+        bad = int(((a - b).abs() > 2 * step * (torch.maximum(a.abs(), b.abs()) + rms)).sum())
+        off, total = off + bad, total + a.numel()
+        if 1 - bad / a.numel() < worst:
+            worst, worst_name = 1 - bad / a.numel(), name
+    share = 1 - off / total if total else 1.0
+    detail = f"; lowest {worst:.4%} in {worst_name}" if worst < 1 else ""
+    return f"{share:.4%} of elements{detail}"
 
 
 def _all_headers(folder: Path):

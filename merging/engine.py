@@ -23,6 +23,7 @@ from .plan import MergePlan, TensorTask, build_plan
 from .resources import check_resources
 from .safetensors_io import DTYPES
 from .sources import CheckpointSource, open_sources
+from .sources.base import TensorSpec
 from .writer import OutputFolder, ShardedWriter, model_card, parse_size
 
 
@@ -106,7 +107,8 @@ class Executor:
         row = task.spec.numel // shape[0] if shape and shape[0] else 0
         if not banded or task.spec.numel <= BAND_ELEMENTS or row == 0:
             return [None]
-        step = max(1, BAND_ELEMENTS // row)
+        # A multiple of 8 rows, so every band but the last starts and ends on a whole byte of a 1-bit packed output.
+        step = max(8, BAND_ELEMENTS // row // 8 * 8)
         return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
 
     def is_elementwise(self) -> bool:
@@ -264,7 +266,9 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
                     result = executor.compute(task, base, models, reduced, band=band, stats=stats)
                     if isinstance(result, dict):  # several outputs per input tensor (EMR), each in its planned dtype
                         for name, tensor in result.items():
-                            writer.write_async(name, tensor.to(DTYPES[planned[name].dtype]).cpu(), first_row)
+                            spec = planned[name]
+                            writer.write_async(name, tensor.to(DTYPES[spec.dtype]).cpu(),
+                                               _output_first_row(spec, task, first_row))
                     else:
                         out = executor.finish_tensor(task, result, base)
                         _count_nonfinite(out, task.name, nonfinite, config.refuse_nonfinite)
@@ -280,6 +284,18 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
     finally:
         for src in sources.values():
             src.close()
+
+
+def _output_first_row(spec: TensorSpec, task: TensorTask, first_row: int) -> int:
+    """Where a band's share of one of a method's extra outputs starts: the same row for outputs shaped like the
+    tensor; for a 1-D packed bit mask (one bit per element), the byte of the band's first element."""
+    if first_row == 0 or spec.shape == task.spec.shape:
+        return first_row
+    if spec.dtype == "U8" and len(spec.shape) == 1 and spec.shape[0] == (task.spec.numel + 7) // 8:
+        element = first_row * (task.spec.numel // task.spec.shape[0])
+        assert element % 8 == 0, "bands start on whole bytes of a packed mask"
+        return element // 8
+    raise AssertionError(f"{task.name}: output {spec} cannot be written band by band")
 
 
 def _count_nonfinite(tensor: torch.Tensor, name: str, counts: dict[str, int], refuse: bool) -> None:

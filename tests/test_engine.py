@@ -411,3 +411,22 @@ def test_banded_random_methods_are_deterministic_and_keep_the_density(family, tm
     assert torch.equal(one[emb], two[emb])
     kept_a = ((one[emb] - t0[emb]) != 0).float().mean().item()
     assert 0.4 < kept_a < 0.6  # two models at density 0.3 each: 1 − 0.7² = 0.51 of entries touched
+
+
+@pytest.mark.parametrize("rescaler", ["model", "tensor_mean"])
+def test_banded_emr_writes_the_same_masks_and_rescalers(family_bf16, tmp_path, monkeypatch, rescaler):
+    """EMR runs band by band: τ_uni bands, 1-bit masks written from whole bytes, rescaler sums added up."""
+    import merging.engine as engine
+
+    base, (a, b, c) = family_bf16
+    text = (f"merge_method: emr\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}, {{model: {c}}}]\n"
+            f"parameters: {{rescaler: {rescaler}}}\n")
+    run_merge(parse_config(text), tmp_path / "whole")
+    monkeypatch.setattr(engine, "BAND_ELEMENTS", 100)  # 64×16 tensors → bands of 8 rows = 128 elements = 16 bytes
+    run_merge(parse_config(text), tmp_path / "banded")
+    whole, banded = load_folder(tmp_path / "whole"), load_folder(tmp_path / "banded")
+    assert whole.keys() == banded.keys()
+    assert all(torch.equal(whole[k], banded[k]) for k in whole)
+    lam = [json.loads((tmp_path / d / "emr.json").read_text())["tasks"] for d in ("whole", "banded")]
+    for t_whole, t_banded in zip(*lam):
+        assert t_banded["rescaler"] == pytest.approx(t_whole["rescaler"], rel=1e-9)

@@ -88,10 +88,11 @@ def task_masks(task_vectors: torch.Tensor, tau_uni: torch.Tensor) -> torch.Tenso
 
 
 def rescaler_terms(task_vectors: torch.Tensor, masks: torch.Tensor, tau_uni: torch.Tensor,
-                   variant: str) -> torch.Tensor:
+                   variant: str, numel: int | None = None) -> torch.Tensor:
     """This tensor's share of the rescaler sums, float64 (3N,): [Σ|τ_i|], [Σ|M_i ⊙ τ_uni|], [Σ M_i].
 
-    With ``tensor_mean`` the first two are means (divided by numel); the mask counts stay counts (for density).
+    With ``tensor_mean`` the first two are means (divided by the whole tensor's ``numel``, so that the shares of
+    its row bands add up to the mean); the mask counts stay counts (for density).
     """
     n = task_vectors.shape[0]
     flat_tv = task_vectors.reshape(n, -1)
@@ -99,9 +100,10 @@ def rescaler_terms(task_vectors: torch.Tensor, masks: torch.Tensor, tau_uni: tor
     numerator = flat_tv.abs().sum(dim=1, dtype=torch.float64)
     denominator = flat_masked.sum(dim=1, dtype=torch.float64)
     count = masks.reshape(n, -1).sum(dim=1).to(torch.float64)
-    if variant == "tensor_mean" and flat_tv.shape[1] > 0:
-        numerator = numerator / flat_tv.shape[1]
-        denominator = denominator / flat_tv.shape[1]
+    numel = numel or flat_tv.shape[1]
+    if variant == "tensor_mean" and numel > 0:
+        numerator = numerator / numel
+        denominator = denominator / numel
     return torch.cat([numerator, denominator, count]).cpu()
 
 
@@ -173,7 +175,7 @@ def _unified_by_method(base: torch.Tensor, models: list[torch.Tensor], params: d
 # --- the engine hooks -------------------------------------------------------------------------------------------
 
 def _check_shape(base: torch.Tensor, ctx: TensorContext) -> None:
-    if ctx.shape and tuple(base.shape) != tuple(ctx.shape):
+    if ctx.shape and ctx.band is None and tuple(base.shape) != tuple(ctx.shape):
         raise ConfigError(f"{ctx.name}: EMR needs every input with the base's shape (allow_vocab_mismatch is not "
                           "supported: the masks cover whole tensors)")
 
@@ -186,7 +188,8 @@ def _make_fns(unify):
         _check_shape(base, ctx)
         task_vectors = torch.stack([theta - base for theta in models])
         tau_uni = unify(base, models, params, ctx, task_vectors)
-        return rescaler_terms(task_vectors, task_masks(task_vectors, tau_uni), tau_uni, params["rescaler"])
+        return rescaler_terms(task_vectors, task_masks(task_vectors, tau_uni), tau_uni, params["rescaler"],
+                              math.prod(ctx.shape) if ctx.shape else None)
 
     def emr_merge(base: torch.Tensor, models: list[torch.Tensor], params: dict,
                   ctx: TensorContext) -> dict[str, torch.Tensor]:
@@ -327,6 +330,7 @@ register(MergeMethod(
             "emr-extract",
     paper=PAPER, params=(RESCALER, SKIP), base="required", min_models=1,
     reduce=_emr_reduce, reduce_needed=check_plan, finalize=emr_finalize, outputs=emr_outputs,
+    elementwise=True,  # τ_uni and the masks are per element; the rescaler sums add up over row bands
 ))
 
 _rescale_reduce, _rescale_merge = _make_fns(_unified_by_method)
