@@ -91,16 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Subcommands that live beside the modules they drive (analysis, EMR, zoo, bench)."""
-    adders = []
-    for module in ("analysis_cli", "emr_cli", "zoo.cli", "bench"):
-        try:
-            mod = __import__(f"merging.{module}", fromlist=["add_commands"])
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("merging."):
-                continue
-            raise
-        adders.append(mod.add_commands)
-    return adders
+    from . import analysis_cli, bench, emr_cli
+    from .zoo import cli as zoo_cli
+
+    return [analysis_cli.add_commands, emr_cli.add_commands, zoo_cli.add_commands, bench.add_commands]
 
 
 def main(argv: list[str] | None = None) -> int:
