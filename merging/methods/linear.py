@@ -29,15 +29,21 @@ def linear(base: torch.Tensor | None, models: list[torch.Tensor], params: dict, 
 
 def task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], params: dict, ctx: TensorContext) -> torch.Tensor:
     """Task arithmetic (Ilharco et al. 2023): θ = θ_base + λ Σ w_i τ_i with τ_i = θ_i − θ_base
-    (divided by Σ w_i when ``normalize``; w_i = NAN's α_i with ``coefficients: nan``)."""
+    (divided by Σ w_i when ``normalize``; w_i = NAN's α_i with ``coefficients: nan``).
+
+    Computed as θ = (1 − Σ c_i) θ_base + Σ c_i θ_i with c_i = λ w_i (/ Σ w_i): the same sum, rearranged so that
+    each input is read once by one fused multiply-add and no task vector is materialized.
+    """
     weights = model_weights(base, models, params, ctx)
-    merged = torch.zeros_like(base)
-    for w, theta in zip(weights, models):
-        merged.add_(theta - base, alpha=w)
+    scale = params["lambda"]
     if params["normalize"]:
         total = sum(weights)
-        merged.div_(total if abs(total) > 1e-8 else 1.0)
-    return base + params["lambda"] * merged
+        scale /= total if abs(total) > 1e-8 else 1.0
+    coefficients = [scale * w for w in weights]
+    merged = base * (1.0 - sum(coefficients))
+    for c, theta in zip(coefficients, models):
+        merged.add_(theta, alpha=c)
+    return merged
 
 
 register(MergeMethod(
