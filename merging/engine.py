@@ -73,8 +73,8 @@ def _reuse_freed_memory() -> None:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 26)  # M_MMAP_THRESHOLD: serve blocks below 64 MB (a band is 16 MB) from the heap
-        libc.mallopt(-1, 1 << 28)  # M_TRIM_THRESHOLD: keep up to 256 MB of freed heap for reuse
+        libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD: serve blocks below 32 MB (a band is 16 MB) from the heap
+        libc.mallopt(-1, 1 << 26)  # M_TRIM_THRESHOLD: keep up to 64 MB of freed heap for reuse
         libc.mallopt(-8, 2)  # M_ARENA_MAX: the reader, writer and compute threads share two heaps, not one each
     except (OSError, AttributeError):
         pass  # not glibc: the merge is only slower

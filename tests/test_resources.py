@@ -53,7 +53,7 @@ def test_small_machine_is_refused_up_front_with_the_figures(family, tmp_path, mo
         run_merge(parse_config(text), out)
     msg = str(err.value)
     assert msg.startswith("not enough memory") and "\n" not in msg
-    assert "MERGESCOPE_MEMORY_LIMIT" in msg and "MB" in msg
+    assert "MERGESCOPE_MEMORY_LIMIT" in msg and " GB " in msg  # sizes in GB: at least PROCESS_OVERHEAD
     assert not out.exists() and not list(tmp_path.glob(".out*"))  # nothing written, not even a temp folder
 
     monkeypatch.setenv("MERGESCOPE_MEMORY_LIMIT", str(need.memory))  # exactly enough: merges
