@@ -121,13 +121,21 @@ def read_floor(folders: list[Path]) -> float:
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, str]:
-    """Wall seconds, peak resident bytes of the process tree's largest member, return code, stderr tail."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    proc.stderr.close()
+    """Wall seconds, peak resident bytes, return code and stderr tail of one command.
+
+    Started with posix_spawn (vfork, no copy of this process's memory): Linux carries a forked child's peak RSS
+    across exec, so a plain fork from a bench that has just compared two outputs would report the bench's size.
+    """
+    with tempfile.TemporaryFile() as err_file:
+        actions = [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                   (os.POSIX_SPAWN_DUP2, err_file.fileno(), 2)]
+        path = shutil.which(cmd[0]) or cmd[0]
+        start = time.perf_counter()
+        pid = os.posix_spawn(path, cmd, env if env is not None else dict(os.environ), file_actions=actions)
+        _, status, usage = os.wait4(pid, 0)
+        wall = time.perf_counter() - start
+        err_file.seek(0)
+        err = err_file.read().decode(errors="replace")
     return wall, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status), err[-400:]
 
 

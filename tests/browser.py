@@ -1,6 +1,6 @@
 """Browser helpers for tests: Debian's Chromium driven by Playwright, and a throwaway local HTTP server.
 
-Playwright's own browser download (``playwright install``) is never used: ``launch_chromium`` starts the system
+Playwright's own browser download is never used: ``launch_chromium`` starts the system
 Chromium (``apt-get install chromium``; tests/run.sh installs it when missing) through ``executable_path``. Use the
 sync API directly (``playwright.sync_api.sync_playwright``), not the pytest-playwright fixtures, which look for a
 downloaded browser.

@@ -19,3 +19,19 @@ def family(tmp_path):
 @pytest.fixture
 def family_bf16(tmp_path):
     return write_family(tmp_path / "models16", n_models=3, dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
+def chromium():  # not named `browser`/`page`: pytest-playwright's fixtures of those names want a downloaded browser
+    """Debian's Chromium, headless, shared by every browser test."""
+    from browser import chromium_missing_reason, launch_chromium
+
+    reason = chromium_missing_reason()
+    if reason:
+        pytest.fail(reason)  # tests/run.sh installs it; a silent skip would hide a broken CI
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        launched = launch_chromium(p)
+        yield launched
+        launched.close()

@@ -15,7 +15,7 @@ if ! "$PY" -c 'import importlib.metadata as m, sys; sys.exit(m.version("torch").
 fi
 "$PY" -m pip install -q -r requirements.txt -r tests/requirements.txt
 
-# Browser tests drive Debian's Chromium through Playwright (never `playwright install`).
+# Browser tests drive Debian's Chromium through Playwright, never a browser downloaded by Playwright itself.
 if [ ! -x /usr/bin/chromium ]; then
     SUDO=""
     if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then

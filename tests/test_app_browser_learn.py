@@ -9,7 +9,6 @@ import time
 import pytest
 
 from app_server import running_app
-from browser import chromium_missing_reason, launch_chromium
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -20,17 +19,6 @@ def served(tmp_path_factory):
         yield running
 
 
-@pytest.fixture(scope="module")
-def chromium():  # not named `browser`: pytest-playwright's fixture of that name wants a downloaded browser
-    reason = chromium_missing_reason()
-    if reason:
-        pytest.fail(reason)  # tests/run.sh installs both; a silent skip would hide a broken CI
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        launched = launch_chromium(p)
-        yield launched
-        launched.close()
 
 
 def bar_heights(page, elem_id: str) -> list[float]:
