@@ -120,23 +120,30 @@ def read_floor(folders: list[Path]) -> float:
     return best
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, str]:
-    """Wall seconds, peak resident bytes, return code and stderr tail of one command.
+# Runs one command and reports its wall time and peak RSS. It runs in a fresh, small Python: Linux carries the
+# spawning process's peak RSS into a child across exec (fork and vfork alike), so spawning from this bench, which
+# has just compared two outputs in memory, would report the bench's own size.
+_LAUNCHER = """
+import json, os, sys, time
+cmd = json.loads(sys.argv[1])
+start = time.perf_counter()
+pid = os.posix_spawn(cmd[0], cmd, os.environ)
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps({"wall": time.perf_counter() - start, "maxrss": usage.ru_maxrss * 1024,
+                  "rc": os.waitstatus_to_exitcode(status)}))
+"""
 
-    Started with posix_spawn (vfork, no copy of this process's memory): Linux carries a forked child's peak RSS
-    across exec, so a plain fork from a bench that has just compared two outputs would report the bench's size.
-    """
-    with tempfile.TemporaryFile() as err_file:
-        actions = [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-                   (os.POSIX_SPAWN_DUP2, err_file.fileno(), 2)]
-        path = shutil.which(cmd[0]) or cmd[0]
-        start = time.perf_counter()
-        pid = os.posix_spawn(path, cmd, env if env is not None else dict(os.environ), file_actions=actions)
-        _, status, usage = os.wait4(pid, 0)
-        wall = time.perf_counter() - start
-        err_file.seek(0)
-        err = err_file.read().decode(errors="replace")
-    return wall, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status), err[-400:]
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, str]:
+    """Wall seconds, peak resident bytes, return code and stderr tail of one command."""
+    full = [shutil.which(cmd[0]) or cmd[0], *cmd[1:]]
+    done = subprocess.run([sys.executable, "-c", _LAUNCHER, json.dumps(full)], capture_output=True, text=True,
+                          env=env)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return 0.0, 0, done.returncode or 1, done.stderr[-400:]
+    result = json.loads(lines[-1])
+    return result["wall"], result["maxrss"], result["rc"], done.stderr[-400:]
 
 
 def compare_outputs(ours: Path, theirs: Path) -> str:
