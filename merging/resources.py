@@ -47,10 +47,9 @@ BUFFERS_PER_INPUT = {"linear": 2, "task_arithmetic": 2, "slerp": 2, "nuslerp": 2
                      "passthrough": 0}
 SPARSIFY_BUFFERS = 8
 FIXED_BUFFERS = 6  # float32 buffers independent of the inputs: result, sums, sign votes
-# Thread pools and torch's first-use buffers (~64 MB), plus what the allocator may keep for reuse: the engine lets
-# glibc retain up to 64 MB of freed heap in each of its two arenas (merging.engine._reuse_freed_memory), and
-# measured peaks after other work ran up to ~150 MB above the bands' own share.
-PROCESS_OVERHEAD = 256 * 1024 * 1024
+# Thread pools and torch's first-use buffers (~64 MB), plus the freed heap glibc may keep for reuse: up to 64 MB in
+# each of the engine's two malloc arenas (merging.engine._reuse_freed_memory).
+PROCESS_OVERHEAD = (64 + 2 * 64) * 1024 * 1024
 SIDE_FILE_MARGIN = 4 * 1024 * 1024  # config.json, tokenizer files, README.md, merge_config.yml, index
 MEMORY_ENV = "MERGESCOPE_MEMORY_LIMIT"
 DISK_ENV = "MERGESCOPE_DISK_LIMIT"

@@ -21,7 +21,7 @@ def family_bf16(tmp_path):
     return write_family(tmp_path / "models16", n_models=3, dtype="bfloat16")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium():  # not named `browser`/`page`: pytest-playwright's fixtures of those names want a downloaded browser
     """Debian's Chromium, headless, shared by every browser test."""
     from browser import chromium_missing_reason, launch_chromium

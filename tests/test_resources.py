@@ -125,7 +125,9 @@ sources = open_sources(config.model_refs(), config.base_model)
 estimate = estimate_resources(build_plan(config, sources), sources).memory
 before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 run_merge(config, sys.argv[2], device="cpu")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM is this process's own peak: ru_maxrss would include the pytest process's size, which Linux carries into a
+# child across exec.
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"estimate": estimate, "before": before, "peak": peak}))
 """
 
