@@ -24,6 +24,7 @@ import torch
 from .errors import MergeError
 from .safetensors_io import DTYPE_NAMES, read_local_header, tensor_from_bytes
 from .sources.base import TensorSpec
+from .synthetic import llama_config, llama_shapes
 from .writer import ShardedWriter
 
 DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_ties", "emr")
@@ -51,25 +52,14 @@ class Shape:
     dtype: str = "bfloat16"
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
-        h, i = self.hidden, self.intermediate
-        out = [("model.embed_tokens.weight", (self.vocab, h))]
-        for n in range(self.layers):
-            p = f"model.layers.{n}."
-            out += [(f"{p}self_attn.{x}_proj.weight", (h, h)) for x in "qkvo"]
-            out += [(f"{p}mlp.gate_proj.weight", (i, h)), (f"{p}mlp.up_proj.weight", (i, h)),
-                    (f"{p}mlp.down_proj.weight", (h, i)), (f"{p}input_layernorm.weight", (h,)),
-                    (f"{p}post_attention_layernorm.weight", (h,))]
-        return out + [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
+        return llama_shapes(self.config_json())
 
     def parameters(self) -> int:
         return sum(torch.Size(s).numel() for _, s in self.tensors())
 
     def config_json(self) -> dict:
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.hidden,
-                "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
-                "num_attention_heads": max(1, self.hidden // 128), "num_key_value_heads": max(1, self.hidden // 128),
-                "vocab_size": self.vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-                "tie_word_embeddings": False, "torch_dtype": self.dtype, "hidden_act": "silu"}
+        return llama_config(self.hidden, self.intermediate, self.layers, self.vocab, max(1, self.hidden // 128),
+                            self.dtype)
 
 
 def write_models(root: Path, shape: Shape, seed: int = 0) -> tuple[Path, list[Path]]:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .synthetic import llama_config, llama_shapes
+
 from .safetensors_io import save_file
 
 DEMO_TASKS: dict[str, float] = {"math": 0.010, "code": 0.016, "chat": 0.006, "translate": 0.012}
@@ -116,37 +118,15 @@ def _recipe_hash() -> str:
 
 
 def _llama_config() -> dict:
-    s = DEMO_SHAPE
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": s["hidden"],
-        "intermediate_size": s["intermediate"], "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"],
-        "num_key_value_heads": s["heads"], "vocab_size": s["vocab"], "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "float32", "hidden_act": "silu",
-    }
+    d = DEMO_SHAPE
+    return llama_config(d["hidden"], d["intermediate"], d["layers"], d["vocab"], d["heads"], max_positions=256)
 
 
 def _base_tensors(cfg: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-
-    def weight(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen) / shape[-1] ** 0.5
-
-    def norm() -> torch.Tensor:
-        return 1 + 0.05 * torch.randn(h, generator=gen)
-
-    tensors = {"model.embed_tokens.weight": weight(v, h)}
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        for proj in ("q", "k", "v", "o"):
-            tensors[f"{p}self_attn.{proj}_proj.weight"] = weight(h, h)
-        tensors[f"{p}mlp.gate_proj.weight"] = weight(i, h)
-        tensors[f"{p}mlp.up_proj.weight"] = weight(i, h)
-        tensors[f"{p}mlp.down_proj.weight"] = weight(h, i)
-        tensors[f"{p}input_layernorm.weight"] = norm()
-        tensors[f"{p}post_attention_layernorm.weight"] = norm()
-    tensors["model.norm.weight"] = norm()
-    tensors["lm_head.weight"] = weight(v, h)
-    return tensors
+    """Random weights scaled by fan-in; norms near 1 (drawn in file order, so the family is reproducible)."""
+    return {name: (1 + 0.05 * torch.randn(*shape, generator=gen)) if len(shape) == 1
+            else torch.randn(*shape, generator=gen) / shape[-1] ** 0.5
+            for name, shape in llama_shapes(cfg)}
 
 
 def _layer_of(name: str) -> int | None:

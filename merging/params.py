@@ -67,8 +67,6 @@ def validate_config(config: MergeConfig, *, source: str = "config") -> None:
     method = get_method(config.merge_method, source)
     if method.base == "required" and not config.base_model:
         raise ConfigError(f"{source}: merge_method {method.name!r} needs a `base_model`")
-    if method.base == "none" and config.base_model and not config.slices:
-        pass  # a base is still useful as the reference for names, shapes and copied files
     if config.slices and method.name != "passthrough":
         counts = {len(s.sources) for s in config.slices}
     else:

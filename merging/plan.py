@@ -144,7 +144,6 @@ def _plan_slices(config: MergeConfig, method: MergeMethod, sources: dict[str, Ch
     passthrough = method.name == "passthrough"
     templates = [n for n in ref_specs if layer_index(n) is not None and layer_index(n) == min(
         layer_index(m) for m in ref_specs if layer_index(m) is not None)]
-    first_layer = layer_index(templates[0]) if templates else 0
 
     def add_task(out_name: str, slice_sources, in_of, t: float) -> None:
         lead = slice_sources[0]
@@ -191,7 +190,6 @@ def _plan_slices(config: MergeConfig, method: MergeMethod, sources: dict[str, Ch
         for key in _LAYER_COUNT_KEYS:
             if key in out_cfg:
                 out_cfg[key] = out_layer
-    del first_layer
     return MergePlan(config, method, reference, tasks, report, out_layer, out_cfg)
 
 

@@ -12,39 +12,24 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from merging import synthetic
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def llama_config(hidden: int = 16, intermediate: int = 32, layers: int = 2, vocab: int = 64, heads: int = 2) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": heads, "vocab_size": vocab, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": False, "torch_dtype": "float32", "hidden_act": "silu",
-    }
+    return synthetic.llama_config(hidden, intermediate, layers, vocab, heads, max_positions=128)
 
 
 def llama_tensors(cfg: dict, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Random llama weights; every call with the same seed gives the same tensors."""
     g = torch.Generator().manual_seed(seed)
-    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
 
     def rnd(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * 0.05).to(dtype)
 
-    t = {"model.embed_tokens.weight": rnd(v, h)}
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        for proj in ("q", "k", "v", "o"):
-            t[f"{p}self_attn.{proj}_proj.weight"] = rnd(h, h)
-        t[f"{p}mlp.gate_proj.weight"] = rnd(i, h)
-        t[f"{p}mlp.up_proj.weight"] = rnd(i, h)
-        t[f"{p}mlp.down_proj.weight"] = rnd(h, i)
-        t[f"{p}input_layernorm.weight"] = (1 + rnd(h).float() * 0.1).to(dtype)
-        t[f"{p}post_attention_layernorm.weight"] = (1 + rnd(h).float() * 0.1).to(dtype)
-    t["model.norm.weight"] = (1 + rnd(h).float() * 0.1).to(dtype)
-    t["lm_head.weight"] = rnd(v, h)
-    return t
+    return {name: (1 + rnd(*shape).float() * 0.1).to(dtype) if len(shape) == 1 else rnd(*shape)
+            for name, shape in synthetic.llama_shapes(cfg)}
 
 
 def fine_tune(base: dict[str, torch.Tensor], seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:

@@ -4,7 +4,6 @@ adapter, or (only when asked) a PyTorch pickle."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -120,6 +119,3 @@ def read_json_file(source: CheckpointSource, filename: str) -> dict | None:
         raise SourceError(f"{source.label}: {filename} is not valid JSON") from None
     return value if isinstance(value, dict) else None
 
-
-def real_path(path: str) -> str:
-    return os.path.realpath(path)
