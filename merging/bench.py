@@ -203,6 +203,7 @@ def bench(shape: Shape, methods: list[str], repeat: int, workdir: Path, use_merg
             times, peaks = [], []
             for _ in range(repeat):
                 shutil.rmtree(out, ignore_errors=True)
+                os.sync()  # the last run's output is written back now, not during this run's timing
                 if who == "ours":
                     cmd = [sys.executable, "-m", "merging", "merge", str(cfg), str(out), "--device", device]
                 else:

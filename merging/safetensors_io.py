@@ -147,11 +147,15 @@ def _pread_exact(fd: int, offset: int, length: int, label: str) -> bytes:
     return data
 
 
-def tensor_from_bytes(info: TensorInfo, buffer: bytearray | memoryview, rows: int | None = None) -> torch.Tensor:
-    """Interpret raw little-endian bytes as ``info``'s tensor (or its first ``rows`` rows)."""
+def tensor_from_bytes(info: TensorInfo, buffer: bytearray | memoryview | torch.Tensor,
+                      rows: int | None = None) -> torch.Tensor:
+    """Interpret raw little-endian bytes (a buffer, or a uint8 tensor) as ``info``'s tensor (or its first ``rows``
+    rows), without copying."""
     shape = info.shape if rows is None else (rows, *info.shape[1:])
     if math.prod(shape) == 0:
         return torch.empty(shape, dtype=DTYPES[info.dtype])
+    if isinstance(buffer, torch.Tensor):
+        return buffer.view(DTYPES[info.dtype]).reshape(shape)
     return torch.frombuffer(buffer, dtype=DTYPES[info.dtype]).reshape(shape)
 
 

@@ -5,6 +5,7 @@ Local files and HTTP range requests share this code: only the ``ByteReader`` dif
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import threading
@@ -15,6 +16,16 @@ import torch
 from ..errors import SourceError
 from ..safetensors_io import TensorInfo, parse_header, tensor_from_bytes
 from .base import CheckpointSource, TensorSpec
+
+
+def uninitialized_bytes(n: int) -> torch.Tensor:
+    """A uint8 tensor of ``n`` bytes left unfilled (a bytearray is zeroed first: a whole extra pass over memory)."""
+    return torch.empty(n, dtype=torch.uint8)
+
+
+def writable_view(buffer: torch.Tensor) -> memoryview:
+    """A writable memoryview of a contiguous CPU uint8 tensor's bytes (for preadv); valid while the tensor lives."""
+    return memoryview((ctypes.c_ubyte * buffer.numel()).from_address(buffer.data_ptr())).cast("B")
 
 
 class ByteReader(ABC):
@@ -93,11 +104,11 @@ class SafetensorsCheckpoint(CheckpointSource):
             if not info.shape or not 0 <= lo <= hi <= info.shape[0]:
                 raise SourceError(f"{self.label}: rows {rows} are outside tensor {name!r} of shape {list(info.shape)}")
             start, end, count = info.start + lo * info.row_bytes, info.start + hi * info.row_bytes, hi - lo
-        buf = bytearray(end - start)
-        if buf:
-            self._readers[self._where[name]].read_into(start, memoryview(buf))
+        buf = uninitialized_bytes(end - start)
+        if end > start:
+            self._readers[self._where[name]].read_into(start, writable_view(buf))
         with self._lock:
-            self._read_bytes += len(buf)
+            self._read_bytes += end - start
         return tensor_from_bytes(info, buf, count)
 
     def bytes_read(self) -> int:
