@@ -11,6 +11,7 @@ This file only assembles the panels of ``components/`` and launches; every handl
 import argparse
 import logging
 import os
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -18,6 +19,7 @@ import gradio as gr
 from components import analysis_panel, api, learn_panel, merge_panel, method_form, model_picker, preflight
 from components.common import AppSettings, drop_space_owner_token
 from components.sessions import SessionStore
+from merging import native
 from merging.demo import DemoModels, ensure_demo_models
 from merging.writer import parse_size
 
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = AppSettings.from_env(host=args.host, share=args.share, max_upload_bytes=parse_size(args.max_upload))
     drop_space_owner_token(settings)
     app = build_app(settings)
+    # Build the fused merge kernels now (a second or two with the C compiler) rather than in the first merge.
+    threading.Thread(target=native.library, name="build-kernels", daemon=True).start()
     # Merges share one concurrency group ("merge", limited per event); everything else runs a few at a time.
     app.queue(default_concurrency_limit=4, max_size=64)
     app.launch(server_name=args.host, server_port=args.port, share=args.share,

@@ -101,6 +101,16 @@ def model_weights(base: torch.Tensor | None, models: list[torch.Tensor], params:
     return nan_coefficients(squared_norms(base, models, params["nan_on"], ctx.name).sqrt())
 
 
+def weights_known(params: dict[str, Any], ctx: TensorContext) -> bool:
+    """Whether ``model_weights`` can answer from the parameters and the gathered norms alone, without the tensors
+    (what a fused kernel, which never holds float32 copies, needs)."""
+    if params.get("coefficients", "weights") != "nan":
+        return True
+    if params["nan_scope"] == "model":
+        return ctx.reduced is not None
+    return bool(ctx.stats) and "nan_squared_norms" in ctx.stats
+
+
 def _uses_tensor_norms(params: dict[str, Any]) -> bool:
     return params.get("coefficients") == "nan" and params.get("nan_scope", "tensor") == "tensor"
 

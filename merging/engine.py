@@ -8,6 +8,8 @@ copies of one tensor; no shard is ever buffered. Methods with a reduction get a 
 
 from __future__ import annotations
 
+import gc
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,11 +18,12 @@ from typing import Callable
 
 import torch
 
+from . import native
 from .config import MergeConfig
 from .errors import Cancelled, MergeError
-from .methods.registry import TensorContext
+from .methods.registry import REDUCED, TensorContext
 from .plan import MergePlan, TensorTask, build_plan
-from .resources import check_resources
+from .resources import check_resources, uses_kernels
 from .safetensors_io import DTYPES
 from .sources import CheckpointSource, open_sources
 from .sources.base import TensorSpec
@@ -80,6 +83,40 @@ def _reuse_freed_memory() -> None:
         pass  # not glibc: the merge is only slower
 
 
+class RetainedMemory:
+    """Hands freed heap memory back to the system when the resident set outgrows the working set by ``slack``.
+
+    Band buffers are allocated by the prefetch thread and freed by the compute thread; glibc keeps such chunks
+    in the prefetch thread's arena and, with small long-lived allocations between them, reuses them poorly: over
+    one 65M-element tensor the resident set grew by 0.4 GB of free memory. ``malloc_trim`` returns it (about
+    2 ms); checking the resident set costs a read of /proc/self/statm, so this runs once per band.
+    """
+
+    def __init__(self, slack: int = 512 << 20) -> None:
+        self.slack = slack
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        try:
+            import ctypes
+
+            self.trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            self.trim = None  # not glibc: nothing to do
+        self.limit = self.resident() + slack if self.trim else 0
+
+    def resident(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self.page
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def check(self) -> None:
+        if self.trim is None or self.resident() <= self.limit:
+            return
+        self.trim(0)
+        self.limit = self.resident() + self.slack
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,6 +137,7 @@ class Executor:
         self.device = device
         self.progress = progress
         self.cancel = cancel or (lambda: False)
+        self.memory = RetainedMemory()
 
     def bands(self, task: TensorTask, elementwise: bool) -> list[tuple[int, int] | None]:
         """Row bands of about BAND_ELEMENTS for element-wise methods and copies; [None] means the whole tensor."""
@@ -116,12 +154,14 @@ class Executor:
         elementwise = self.plan.method.elementwise
         return bool(elementwise(self.plan) if callable(elementwise) else elementwise)
 
-    def tensor_stats(self, task: TensorTask, reduced: torch.Tensor | None):
-        """Run the method's statistics passes over one tensor's bands (read again: the page cache serves them)."""
+    def tensor_stats(self, task: TensorTask, reduced: torch.Tensor | None, passes=None, params: dict | None = None):
+        """Run statistics passes (default: the method's) over one tensor's bands (read again: the page cache serves
+        them); ``params`` replaces the task's parameters for them."""
         stats = None
         bands = self.bands(task, self.is_elementwise())
-        for stats_pass in self.plan.method.stats:
-            if stats_pass.needed is not None and not stats_pass.needed(task.params):
+        params = task.params if params is None else params
+        for stats_pass in self.plan.method.stats if passes is None else passes:
+            if stats_pass.needed is not None and not stats_pass.needed(params):
                 continue
             if stats_pass.only_if is not None and not stats_pass.only_if(stats):
                 continue
@@ -130,28 +170,47 @@ class Executor:
                 pending = pool.submit(self.read_inputs, task, bands[0])
                 for i, band in enumerate(bands):
                     base, models = pending.result()
+                    self.memory.check()
                     if i + 1 < len(bands):
                         pending = pool.submit(self.read_inputs, task, bands[i + 1])
                     stride = stats_pass.sample_stride
+                    ctx = self.context(task, band, reduced, stats)
+                    part = self.native_stats(stats_pass, task, base, models, ctx, params) if stride == 1 else None
+                    if part is not None:
+                        self.combine(part, combined, stats_pass.concat)
+                        continue
                     if stride > 1:  # subsample before converting: a sampling pass costs a fraction of a merge
                         base = base[:task.shared_rows].reshape(-1)[::stride] if base is not None else None
                         models = [m[:task.shared_rows].reshape(-1)[::stride] for m in models]
                     b = self.to_compute(base, None if stride > 1 else task.shared_rows) if base is not None else None
                     ms = [self.to_compute(m, None if stride > 1 else task.shared_rows) for m in models]
-                    part = stats_pass.collect(b, ms, task.params, self.context(task, band, reduced, stats))
-                    for key, value in part.items():
-                        if key not in combined:
-                            combined[key] = [value] if key in stats_pass.concat else value
-                        elif key in stats_pass.concat:
-                            combined[key].append(value)
-                        else:
-                            combined[key] = combined[key] + value
+                    self.combine(stats_pass.collect(b, ms, params, ctx), combined, stats_pass.concat)
             for key in stats_pass.concat:
                 if key in combined:
                     combined[key] = torch.cat(combined[key])
             ctx = self.context(task, None, reduced, stats)
-            stats = stats_pass.finish(combined, task.params, ctx) if stats_pass.finish else combined
+            stats = stats_pass.finish(combined, params, ctx) if stats_pass.finish else combined
         return stats
+
+    @staticmethod
+    def combine(part: dict, combined: dict, concat: tuple[str, ...]) -> None:
+        """Add one band's statistics to the totals: summed, or collected for concatenation (keys in ``concat``)."""
+        for key, value in part.items():
+            if key not in combined:
+                combined[key] = [value] if key in concat else value
+            elif key in concat:
+                combined[key].append(value)
+            else:
+                combined[key] = combined[key] + value
+
+    def native_ready(self, task: TensorTask, base, models, out_dtype=None) -> bool:
+        """Whether this unit can go to the fused CPU kernels (merging/native) with its inputs as stored."""
+        return task.shared_rows is None and native.usable(self.device, base, *models, out_dtype=out_dtype)
+
+    def native_stats(self, stats_pass, task: TensorTask, base, models, ctx: TensorContext, params: dict):
+        if stats_pass.native is None or not self.native_ready(task, base, models):
+            return None
+        return stats_pass.native(base, models, params, ctx)
 
     def context(self, task: TensorTask, band, reduced, stats) -> TensorContext:
         return TensorContext(task.name, self.plan.config.seed, reduced, task.model_names, band=band,
@@ -195,6 +254,7 @@ class Executor:
                     pending.cancel()
                     raise Cancelled("merge cancelled; nothing was written")
                 base, models = pending.result()
+                self.memory.check()
                 pending = pool.submit(self.read_inputs, *units[i + 1]) if i + 1 < len(units) else None
                 yield task, band, base, models
                 last = band is None or band[1] == task.spec.shape[0]
@@ -208,12 +268,32 @@ class Executor:
     def compute(self, task: TensorTask, base: torch.Tensor | None, models: list[torch.Tensor],
                 reduced: torch.Tensor | None = None, reducing: bool = False, band: tuple[int, int] | None = None,
                 stats=None):
+        method = self.plan.method
+        if reducing and method.native_reduce is not None and self.native_ready(task, base, models):
+            result = method.native_reduce(base, models, task.params, self.context(task, band, reduced, stats))
+            if result is not None:
+                return result
         rows = task.shared_rows
         b = self.to_compute(base, rows) if base is not None else None
         ms = [self.to_compute(m, rows) for m in models]
         ctx = self.context(task, band, reduced, stats)
         fn = self.plan.method.reduce if reducing else self.plan.method.fn
         return fn(b, ms, task.params, ctx)
+
+    def merge(self, task: TensorTask, base: torch.Tensor | None, models: list[torch.Tensor],
+              reduced: torch.Tensor | None, band: tuple[int, int] | None, stats) -> tuple[object, int | None]:
+        """One unit's result, in the output dtype (a tensor, or a dict of outputs for methods like EMR), and its
+        count of NaN/Inf values when the kernel counted them (None: not counted)."""
+        method = self.plan.method
+        out_dtype = DTYPES[task.spec.dtype]
+        if method.native is not None and self.native_ready(task, base, models, out_dtype):
+            done = method.native(base, models, task.params, self.context(task, band, reduced, stats), out_dtype)
+            if done is not None:
+                return done
+        result = self.compute(task, base, models, reduced, band=band, stats=stats)
+        if isinstance(result, dict):
+            return result, None
+        return self.finish_tensor(task, result, base), None
 
     def finish_tensor(self, task: TensorTask, result: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
         out = result.to(DTYPES[task.spec.dtype])
@@ -222,10 +302,22 @@ class Executor:
             out = torch.cat([out, rest])
         return out.cpu()
 
+    def wants_reduction(self) -> bool:
+        """Whether the plan needs the method's whole-model totals (the hook also validates the plan, e.g. EMR's)."""
+        method = self.plan.method
+        return method.reduce is not None and (method.reduce_needed is None or bool(method.reduce_needed(self.plan)))
+
+    def reduction_share(self, task: TensorTask, band, base, models, result) -> torch.Tensor:
+        """One merged unit's share of the totals, for methods that gather them during the merge pass: the result's
+        REDUCED entry when the method computed it, else ``reduce`` on the same inputs."""
+        part = result.pop(REDUCED, None) if isinstance(result, dict) else None
+        if part is None:
+            part = self.compute(task, base, models, reducing=True, band=band)
+        return part.to(torch.float64)
+
     def reduction(self) -> torch.Tensor | None:
         """The method's whole-model totals: a streaming first pass summing per-tensor 1-D results."""
-        method = self.plan.method
-        if method.reduce is None or (method.reduce_needed is not None and not method.reduce_needed(self.plan)):
+        if not self.wants_reduction():
             return None
         merge_tasks = [t for t in self.plan.tasks if not t.copy]
         total = None
@@ -241,20 +333,25 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
     """Merge as ``config`` says into ``out_dir``; the folder appears only when everything succeeded."""
     started = time.monotonic()
     _reuse_freed_memory()
+    # The merge loop allocates small objects by the thousand; without this, the collections they trigger rescan
+    # every object torch and the app ever made (seconds over a merge). Objects alive now are long-lived anyway.
+    gc.freeze()
     dev = pick_device(device)
     shard_bytes = parse_size(max_shard_size)
     sources = open_sources(config.model_refs(), config.base_model, allow_pickle=allow_pickle, resolver=resolver)
     try:
         plan = build_plan(config, sources)
         plan.require_compatible()
-        check_resources(plan, out_dir, sources)  # refuse up front rather than die of OOM or a full disk
+        # refuse up front rather than die of OOM or a full disk
+        check_resources(plan, out_dir, sources, uses_kernels(plan.method, dev.type))
         executor = Executor(plan, sources, dev, progress, cancel)
         with OutputFolder(out_dir, overwrite) as tmp:
-            reduced = executor.reduction()
+            after_merge = plan.method.reduce_after_merge and executor.wants_reduction()
+            reduced = None if after_merge else executor.reduction()
             outputs = _planned_outputs(plan)
             planned = dict(outputs)
             writer = ShardedWriter(tmp, outputs, shard_bytes)
-            stats = None
+            stats = totals = None
             nonfinite: dict[str, int] = {}
             try:
                 for task, band, base, models in executor.stream(plan.tasks, "merge", banded=True):
@@ -264,21 +361,23 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
                         continue
                     if plan.method.stats and (band is None or band[0] == 0):
                         stats = executor.tensor_stats(task, reduced)
-                    result = executor.compute(task, base, models, reduced, band=band, stats=stats)
+                    result, bad = executor.merge(task, base, models, reduced, band, stats)
+                    if after_merge:
+                        share = executor.reduction_share(task, band, base, models, result)
+                        totals = share if totals is None else totals + share
                     if isinstance(result, dict):  # several outputs per input tensor (EMR), each in its planned dtype
                         for name, tensor in result.items():
                             spec = planned[name]
                             writer.write_async(name, tensor.to(DTYPES[spec.dtype]).cpu(),
                                                _output_first_row(spec, task, first_row))
                     else:
-                        out = executor.finish_tensor(task, result, base)
-                        _count_nonfinite(out, task.name, nonfinite, config.refuse_nonfinite)
-                        writer.write_async(task.name, out, first_row)
+                        _count_nonfinite(result, task.name, nonfinite, config.refuse_nonfinite, bad)
+                        writer.write_async(task.name, result, first_row)
                 writer.finish()
             finally:
                 writer.close()
             plan.report.notes.extend(f"{name}: {n} NaN/Inf values in the merged tensor" for name, n in nonfinite.items())
-            _write_side_files(tmp, plan, sources, reduced)
+            _write_side_files(tmp, plan, sources, totals if after_merge else reduced)
             files = sorted(p.name for p in tmp.iterdir())
         return MergeResult(Path(out_dir).absolute(), files, len(plan.tasks), writer.total_size,
                            time.monotonic() - started, str(dev), plan.report.notes)
@@ -299,11 +398,18 @@ def _output_first_row(spec: TensorSpec, task: TensorTask, first_row: int) -> int
     raise AssertionError(f"{task.name}: output {spec} cannot be written band by band")
 
 
-def _count_nonfinite(tensor: torch.Tensor, name: str, counts: dict[str, int], refuse: bool) -> None:
-    """Report NaN/Inf in merged weights (they come from the inputs); stop at the first when asked to refuse."""
+def _count_nonfinite(tensor: torch.Tensor, name: str, counts: dict[str, int], refuse: bool,
+                     bad: int | None = None) -> None:
+    """Report NaN/Inf in merged weights (they come from the inputs); stop at the first when asked to refuse.
+
+    ``bad`` is the count when a kernel already took it; else a finite sum proves there are none (NaN and Inf
+    propagate through a sum), and only a non-finite sum (or an overflowing one) pays for an exact count.
+    """
     if not tensor.is_floating_point():
         return
-    bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+    if bad is None:
+        total = tensor.sum(dtype=torch.float64)
+        bad = 0 if bool(torch.isfinite(total)) else int(tensor.numel() - torch.isfinite(tensor).sum())
     if bad:
         if refuse:
             raise MergeError(f"{name}: {bad} NaN/Inf values in the merged tensor (refuse_nonfinite is set); "

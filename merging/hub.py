@@ -300,7 +300,8 @@ def preflight(config: MergeConfig | str, token: str | None = None, *, endpoint: 
     try:
         plan = build_plan(config, sources)
         method = get_method(config.merge_method)
-        reduce_pass = method.reduce is not None and (method.reduce_needed is None or method.reduce_needed(plan))
+        reduce_pass = (method.reduce is not None and (method.reduce_needed is None or method.reduce_needed(plan))
+                       and not method.reduce_after_merge)
         by_model: dict[str, int] = {ref: 0 for ref in sources}
         specs = {ref: src.specs() for ref, src in sources.items()}
         peak_stored = peak_f32 = peak_out = 0

@@ -12,7 +12,8 @@ no weights read), following how the engine runs (merging/engine.py):
                          + 4 B · (k · inputs + FIXED_BUFFERS) )         (float32 copies, results, temporaries)
                 + 4 B · tensor · inputs / sample stride                 (statistics passes' concatenated samples)
                 k = BUFFERS_PER_INPUT[method]: 2 for weighted sums and spherical interpolations, 8 for the
-                sparsifying methods (TIES, DARE, DELLA, breadcrumbs) and any method not listed
+                sparsifying methods (TIES, DARE, DELLA, breadcrumbs) and any method not listed; with the fused
+                CPU kernels (merging/native) k = 0 and FUSED_BUFFERS replaces FIXED_BUFFERS
     disk      = Σ output tensors (headers included) + side files + SIDE_FILE_MARGIN
 
 and compares them with what is free: ``MemAvailable`` of /proc/meminfo, or the cgroup's limit minus its working
@@ -47,6 +48,9 @@ BUFFERS_PER_INPUT = {"linear": 2, "task_arithmetic": 2, "slerp": 2, "nuslerp": 2
                      "passthrough": 0}
 SPARSIFY_BUFFERS = 8
 FIXED_BUFFERS = 6  # float32 buffers independent of the inputs: result, sums, sign votes
+# With the fused kernels (merging/native) a band is read as stored and written as output: no float32 copies, but
+# the statistics passes still convert their strided samples and the count pass collects its candidates.
+FUSED_BUFFERS = 2
 # Thread pools and torch's first-use buffers (~64 MB), plus the freed heap glibc may keep for reuse: up to 64 MB in
 # each of the engine's two malloc arenas (merging.engine._reuse_freed_memory).
 PROCESS_OVERHEAD = (64 + 2 * 64) * 1024 * 1024
@@ -73,12 +77,15 @@ class FreeResources:
     disk_source: str
 
 
-def estimate_resources(plan, sources: dict | None = None) -> ResourceEstimate:
+def estimate_resources(plan, sources: dict | None = None, fused: bool | None = None) -> ResourceEstimate:
     """Peak memory and output disk of ``plan`` (a merging.plan.MergePlan), from shapes and dtypes only.
 
     ``sources`` (the opened inputs, by reference) give each input's stored dtype; without them inputs count as
-    float32, an upper bound.
+    float32, an upper bound. ``fused``: whether the method runs in the fused CPU kernels (merging/native), which
+    hold no float32 copies; None: whenever the method has them and they build here.
     """
+    if fused is None:
+        fused = uses_kernels(plan.method)
     from .engine import BAND_ELEMENTS
     from .safetensors_io import dtype_size
 
@@ -87,6 +94,9 @@ def estimate_resources(plan, sources: dict | None = None) -> ResourceEstimate:
     method = plan.method
     elementwise = method.elementwise(plan) if callable(method.elementwise) else bool(method.elementwise)
     per_input = BUFFERS_PER_INPUT.get(method.name, SPARSIFY_BUFFERS)
+    fixed = FIXED_BUFFERS
+    if fused:
+        per_input, fixed = 0, FUSED_BUFFERS
     peak, largest = 0, ""
     for task in plan.tasks:
         spec = task.spec
@@ -99,13 +109,20 @@ def estimate_resources(plan, sources: dict | None = None) -> ResourceEstimate:
         need = 2 * sum(unit * _stored_itemsize(specs, r) for r in refs) + 3 * unit * dtype_size(spec.dtype)
         if not task.copy:
             passes = [p for p in method.stats if p.needed is None or p.needed(task.params)]
-            need += 4 * unit * (per_input * len(refs) + FIXED_BUFFERS)
+            need += 4 * unit * (per_input * len(refs) + fixed)
             strides = [p.sample_stride for p in passes if p.concat]
             if strides:
                 need += 4 * numel * len(refs) // min(strides)
         if need > peak:
             peak, largest = need, task.name
     return ResourceEstimate(PROCESS_OVERHEAD + peak, _output_bytes(plan) + SIDE_FILE_MARGIN, largest)
+
+
+def uses_kernels(method, device: str = "cpu") -> bool:
+    """Whether ``method`` runs in the fused CPU kernels on ``device`` (they exist and build on this machine)."""
+    from . import native
+
+    return device == "cpu" and method.native is not None and native.library() is not None
 
 
 def _stored_itemsize(specs: dict, ref) -> int:
@@ -141,9 +158,10 @@ def free_resources(out_dir: str | os.PathLike) -> FreeResources:
     return FreeResources(memory, disk, memory_source, disk_source)
 
 
-def check_resources(plan, out_dir: str | os.PathLike, sources: dict | None = None) -> ResourceEstimate:
+def check_resources(plan, out_dir: str | os.PathLike, sources: dict | None = None,
+                    fused: bool | None = None) -> ResourceEstimate:
     """Raise MergeError with the figures when the merge's estimated memory or disk exceeds what is free."""
-    estimate = estimate_resources(plan, sources)
+    estimate = estimate_resources(plan, sources, fused)
     if os.environ.get(SWITCH_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return estimate
     free = free_resources(out_dir)

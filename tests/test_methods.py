@@ -12,6 +12,7 @@ import torch
 from merging.errors import ConfigError
 from merging.methods import REGISTRY, TensorContext
 from merging.methods.task_vectors import della_keep_probabilities, top_k_mask
+from merging.native import rng
 from merging.params import resolve
 
 
@@ -219,12 +220,12 @@ def test_dare_expected_value_is_the_task_vector():
 def test_dare_ties_elects_signs_on_the_dropped_vectors():
     base, models = tensors(3, shape=(8, 8), seed=4)
     out = run("dare_ties", base, models, density=0.5, seed=7)
-    # the same masks, drawn again from the same generator, through the direct reference
-    gen = TensorContext("model.layers.0.mlp.up_proj.weight", 7).generator()
+    # the same masks, drawn again from the position hash (merging/native/rng.py), through the direct reference
+    ctx = TensorContext("model.layers.0.mlp.up_proj.weight", 7)
     keeps, taus = [], []
-    for m in models:
+    for i, m in enumerate(models):
         tau = m - base
-        keep = (torch.rand(tau.shape, generator=gen) < 0.5).numpy()
+        keep = rng.keep_mask(ctx, i, tau.shape, 0.5).numpy()
         scale = tau.abs().sum() / (tau * torch.from_numpy(keep)).abs().sum()
         keeps.append(keep)
         taus.append(base + tau * scale)  # the rescaled model, so the reference needs no rescale step

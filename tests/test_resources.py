@@ -17,7 +17,7 @@ from merging.config import parse_config
 from merging.engine import BAND_ELEMENTS, run_merge
 from merging.errors import MergeError
 from merging.plan import build_plan
-from merging.resources import (FIXED_BUFFERS, PROCESS_OVERHEAD, check_resources, estimate_resources,
+from merging.resources import (FIXED_BUFFERS, FUSED_BUFFERS, PROCESS_OVERHEAD, check_resources, estimate_resources,
                                free_resources)
 from merging.sources import open_sources
 
@@ -98,14 +98,17 @@ def test_bands_bound_element_wise_merges_and_whole_tensors_the_others(tmp_path):
     save_checkpoint(tmp_path / "base", base)
     tunes = [save_checkpoint(tmp_path / f"ft{k}", fine_tune(base, k)) for k in range(2)]
     plan, sources = plan_of(config_for(tmp_path / "base", tunes, "task_arithmetic"))
-    banded = estimate_resources(plan, sources)
+    banded = estimate_resources(plan, sources, fused=False)
+    fused = estimate_resources(plan, sources, fused=True)
     plan, sources = plan_of(config_for(tmp_path / "base", tunes, "slerp"))
     whole = estimate_resources(plan, sources)
     assert banded.largest_task == whole.largest_task == "w"
     # task_arithmetic, 3 inputs, one row per band: 2 stored copies of each input, 3 outputs in flight, 2 float32
     # buffers per input and 6 more
     assert banded.memory == PROCESS_OVERHEAD + 4 * cols * (2 * 3 + 3 + 2 * 3 + FIXED_BUFFERS)
-    # slerp, 2 inputs, not element-wise: the same counts of whole tensors
+    # the fused kernels hold no float32 copy of an input: FUSED_BUFFERS in their place
+    assert fused.memory == PROCESS_OVERHEAD + 4 * cols * (2 * 3 + 3 + FUSED_BUFFERS)
+    # slerp, 2 inputs, not element-wise (no kernel): the same counts of whole tensors
     assert whole.memory == PROCESS_OVERHEAD + 4 * rows * cols * (2 * 2 + 3 + 2 * 2 + FIXED_BUFFERS)
     assert check_resources(plan, tmp_path / "out", sources) == whole  # fits on this machine
 

@@ -49,8 +49,9 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..native import ops
 from ..sources import TensorSpec
-from .registry import REGISTRY, MergeMethod, Param, TensorContext, register
+from .registry import REDUCED, REGISTRY, MergeMethod, Param, TensorContext, register
 
 PAPER = "Huang et al. 2024, EMR-Merging: Tuning-Free High-Performance Model Merging (NeurIPS, arXiv:2405.17461)"
 META_FILE = "emr.json"
@@ -170,6 +171,35 @@ def _unified_by_method(base: torch.Tensor, models: list[torch.Tensor], params: d
             sub[p.name] = [p.default] * len(models) if p.per_model else p.default
     inner = dataclasses.replace(ctx, reduced=None)  # our reduction is not the other method's
     return method.fn(base, models, sub, inner) - base
+
+
+# --- the fused kernels (merging/native): EMR's own election, on the inputs as stored ---------------------------
+
+def _rescaler_shares(sums: torch.Tensor, n: int, params: dict, ctx: TensorContext) -> torch.Tensor:
+    """``rescaler_terms`` from the kernel's sums: the first two groups as means with ``tensor_mean``."""
+    numel = math.prod(ctx.shape) if ctx.shape else 0
+    if params["rescaler"] == "tensor_mean" and numel > 0:
+        sums = torch.cat([sums[:2 * n] / numel, sums[2 * n:]])
+    return sums
+
+
+def _emr_native(base, models, params, ctx, out_dtype):
+    """τ_uni and the packed masks in one pass, with this band's share of the rescaler sums (REDUCED)."""
+    if is_skipped(ctx.name, params["skip"]):
+        return None
+    _check_shape(base, ctx)
+    tau, masks, sums = ops.emr(base, models, out_dtype)
+    out = {tau_uni_name(ctx.name): tau, REDUCED: _rescaler_shares(sums, len(models), params, ctx)}
+    for k, mask in enumerate(masks):
+        out[mask_name(k, ctx.name)] = mask
+    return out, None
+
+
+def _emr_native_reduce(base, models, params, ctx):
+    if is_skipped(ctx.name, params["skip"]):
+        return None
+    _check_shape(base, ctx)
+    return _rescaler_shares(ops.emr(base, models, None)[2], len(models), params, ctx)
 
 
 # --- the engine hooks -------------------------------------------------------------------------------------------
@@ -331,6 +361,8 @@ register(MergeMethod(
     paper=PAPER, params=(RESCALER, SKIP), base="required", min_models=1,
     reduce=_emr_reduce, reduce_needed=check_plan, finalize=emr_finalize, outputs=emr_outputs,
     elementwise=True,  # τ_uni and the masks are per element; the rescaler sums add up over row bands
+    reduce_after_merge=True,  # the rescalers only go to emr.json: gathered in the merge pass, no second read
+    native=_emr_native, native_reduce=_emr_native_reduce,
 ))
 
 _rescale_reduce, _rescale_merge = _make_fns(_unified_by_method)
@@ -355,4 +387,5 @@ register(MergeMethod(
             RESCALER, SKIP),
     base="required", min_models=1, randomized=False,
     reduce=_rescale_reduce, reduce_needed=check_plan, finalize=emr_finalize, outputs=emr_outputs,
+    reduce_after_merge=True,
 ))

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from ..coefficients import NAN_NORMS_PASS, COEFFICIENT_PARAMS, model_weights, nan_reduce, needs_model_norms
+from ..coefficients import (
+    COEFFICIENT_PARAMS,
+    NAN_NORMS_PASS,
+    model_weights,
+    nan_reduce,
+    needs_model_norms,
+    weights_known,
+)
+from ..native import ops
 from .registry import MergeMethod, Param, TensorContext, register
 
 WEIGHT = Param("weight", float, 1.0, "how much this model counts (negative values subtract it)", per_model=True)
@@ -14,6 +22,11 @@ def _stacked_weights(weights: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(weights, dtype=like.dtype, device=like.device).view(-1, *([1] * like.dim()))
 
 
+def _soup_divisor(weights: list[float], params: dict) -> float:
+    total = sum(weights)
+    return (total if abs(total) > 1e-8 else 1.0) if params["normalize"] else 1.0
+
+
 def linear(base: torch.Tensor | None, models: list[torch.Tensor], params: dict, ctx: TensorContext) -> torch.Tensor:
     """Model soup (Wortsman et al. 2022): θ = Σ w_i θ_i, divided by Σ w_i when ``normalize``
     (w_i = NAN's α_i with ``coefficients: nan``)."""
@@ -21,10 +34,18 @@ def linear(base: torch.Tensor | None, models: list[torch.Tensor], params: dict, 
     merged = torch.zeros_like(models[0])
     for w, theta in zip(weights, models):
         merged.add_(theta, alpha=w)
-    if params["normalize"]:
-        total = sum(weights)
-        merged.div_(total if abs(total) > 1e-8 else 1.0)
+    divisor = _soup_divisor(weights, params)
+    if divisor != 1.0:
+        merged.div_(divisor)
     return merged
+
+
+def linear_native(base, models, params, ctx, out_dtype):
+    """``linear`` as one fused pass over the stored inputs (merging/native)."""
+    if not weights_known(params, ctx):
+        return None
+    weights = model_weights(None, models, params, ctx)
+    return ops.weighted_sum(models, weights, out_dtype, _soup_divisor(weights, params))
 
 
 def task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], params: dict, ctx: TensorContext) -> torch.Tensor:
@@ -34,16 +55,28 @@ def task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], params: dict
     Computed as θ = (1 − Σ c_i) θ_base + Σ c_i θ_i with c_i = λ w_i (/ Σ w_i): the same sum, rearranged so that
     each input is read once by one fused multiply-add and no task vector is materialized.
     """
-    weights = model_weights(base, models, params, ctx)
-    scale = params["lambda"]
-    if params["normalize"]:
-        total = sum(weights)
-        scale /= total if abs(total) > 1e-8 else 1.0
-    coefficients = [scale * w for w in weights]
+    coefficients = _task_coefficients(model_weights(base, models, params, ctx), params)
     merged = base * (1.0 - sum(coefficients))
     for c, theta in zip(coefficients, models):
         merged.add_(theta, alpha=c)
     return merged
+
+
+def _task_coefficients(weights: list[float], params: dict) -> list[float]:
+    """c_i = λ w_i (/ Σ w_i when ``normalize``): each model's share in θ = (1 − Σ c_i) θ_base + Σ c_i θ_i."""
+    scale = params["lambda"]
+    if params["normalize"]:
+        total = sum(weights)
+        scale /= total if abs(total) > 1e-8 else 1.0
+    return [scale * w for w in weights]
+
+
+def task_arithmetic_native(base, models, params, ctx, out_dtype):
+    """``task_arithmetic`` as one fused pass over the stored inputs (merging/native)."""
+    if not weights_known(params, ctx):
+        return None
+    coefficients = _task_coefficients(model_weights(None, models, params, ctx), params)
+    return ops.weighted_sum([base, *models], [1.0 - sum(coefficients), *coefficients], out_dtype)
 
 
 register(MergeMethod(
@@ -52,7 +85,7 @@ register(MergeMethod(
     paper="Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
     params=(WEIGHT, Param("normalize", bool, True, "divide by the sum of the weights"), *COEFFICIENT_PARAMS),
     base="optional", min_models=1, reduce=nan_reduce, reduce_needed=needs_model_norms,
-    elementwise=True, stats=(NAN_NORMS_PASS,),
+    elementwise=True, stats=(NAN_NORMS_PASS,), native=linear_native,
 ))
 
 register(MergeMethod(
@@ -63,5 +96,5 @@ register(MergeMethod(
             Param("normalize", bool, False, "divide the sum of task vectors by the sum of the weights"),
             *COEFFICIENT_PARAMS),
     base="required", min_models=1, reduce=nan_reduce, reduce_needed=needs_model_norms,
-    elementwise=True, stats=(NAN_NORMS_PASS,),
+    elementwise=True, stats=(NAN_NORMS_PASS,), native=task_arithmetic_native,
 ))

@@ -107,6 +107,12 @@ class StatsPass:
     needed: Callable[[dict], bool] | None = None  # from the tensor's params: skip the pass (and its reads)
     only_if: Callable[[Any], bool] | None = None  # from the stats so far: skip unless this holds
     sample_stride: int = 1  # >1: collect sees only every n-th element of each band (flattened), for sampling
+    # The same as ``collect`` on the inputs as stored (any float dtype, on the CPU) with a fused kernel, or None
+    # to let ``collect`` run on float32 copies (see merging/native).
+    native: Callable[..., dict[str, torch.Tensor] | None] | None = None
+
+
+REDUCED = "__reduced__"  # a result dict's entry with this unit's share of the reduction (see reduce_after_merge)
 
 
 class MergeFn(Protocol):
@@ -137,6 +143,10 @@ class MergeMethod:
     # Whether this plan needs the reduction pass at all (e.g. NAN only with `nan_scope: model`); None: always
     # when `reduce` is set. Saves a whole extra read of every input when the parameters do not need it.
     reduce_needed: Callable[..., bool] | None = None
+    # True when only ``finalize`` uses the totals (``fn`` never reads ctx.reduced): the engine then gathers them
+    # during the merge pass itself, from a result dict's REDUCED entry or by calling ``reduce`` on the same
+    # inputs, and skips the extra read of every input.
+    reduce_after_merge: bool = False
     randomized: bool = False
     # True when each output element depends only on the inputs at that element (plus per-tensor parameters and
     # ctx.reduced): the engine then runs fn (and reduce, whose per-band results must add up) on row bands.
@@ -147,6 +157,11 @@ class MergeMethod:
     finalize: Callable[..., dict[str, bytes]] | None = None
     # For methods whose result is not one tensor per input tensor (EMR): the (name, spec) pairs a task writes.
     outputs: Callable[..., list] | None = None
+    # Optional fused CPU kernels (merging/native) taking the inputs as stored: ``native(base, models, params, ctx,
+    # out_dtype)`` returns (the result in ``out_dtype``, its count of NaN/Inf or None), or None to let ``fn`` run on
+    # float32 copies; ``native_reduce`` stands in for ``reduce`` the same way.
+    native: Callable[..., tuple[Any, int | None] | None] | None = None
+    native_reduce: Callable[..., torch.Tensor | None] | None = None
     tags: tuple[str, ...] = field(default=())
 
     def param(self, name: str) -> Param:

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from ..native import ops
 from .registry import StatsPass, TensorContext
 
 SAMPLE_STRIDE = 61  # prime, so a stride never lines up with a row length
@@ -54,15 +55,15 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
         numel = math.prod(ctx.shape)
         out: list = []
         for i in range(len([k for k in combined if k.startswith("s")])):
-            s = torch.sort(combined[f"s{i}"], descending=True).values
+            s = combined[f"s{i}"]
             m = s.numel()
             cuts = []
             for k in ranks(params, i, numel):
                 r = k * m / numel
                 margin = 4.0 * math.sqrt(max(r * (1 - r / m), 1.0)) + 8
                 hi_rank, lo_rank = int(r - margin), int(math.ceil(r + margin))
-                hi = float("inf") if hi_rank < 0 else float(s[hi_rank])
-                lo = -1.0 if lo_rank >= m else float(s[lo_rank])
+                hi = float("inf") if hi_rank < 0 else _largest(s, hi_rank)
+                lo = -1.0 if lo_rank >= m else _largest(s, lo_rank)
                 cuts.append((k, lo, hi))
             out.append(cuts)
         return {**(ctx.stats or {}), key: out}
@@ -76,6 +77,16 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
             for j, (_, lo, hi) in enumerate(ctx.stats[key][i]):
                 part[f"gt{i}_{j}"] = (a > hi).sum(dtype=torch.int64)
                 inside = a[(a >= lo) & (a <= hi)]
+                part[f"c{i}_{j}"] = inside
+                part[f"n{i}_{j}"] = torch.tensor([inside.numel()], dtype=torch.int64)
+        return part
+
+    def count_native(base, models, params, ctx):
+        part = {"start": torch.tensor([_band_start(ctx)], dtype=torch.int64)}
+        for i, model in enumerate(models):
+            for j, (_, lo, hi) in enumerate(ctx.stats[key][i]):
+                above, inside = ops.bracket(base if relative else None, model, lo, hi)
+                part[f"gt{i}_{j}"] = torch.tensor(above, dtype=torch.int64)
                 part[f"c{i}_{j}"] = inside
                 part[f"n{i}_{j}"] = torch.tensor([inside.numel()], dtype=torch.int64)
         return part
@@ -140,10 +151,16 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
         StatsPass(sample, brackets, concat=tuple(f"s{i}" for i in range(MAX_MODELS)), needed=needed,
                   sample_stride=SAMPLE_STRIDE),
         StatsPass(count, select, concat=("start",) + tuple(f"{p}{i}_{j}" for p in "cn" for i in range(MAX_MODELS)
-                                                          for j in range(MAX_RANKS)), needed=needed),
+                                                          for j in range(MAX_RANKS)), needed=needed,
+                  native=count_native),
         StatsPass(fallback_collect, fallback_finish, needed=fallback_needed, only_if=_bracket_missed(key),
                   concat=("start",) + tuple(f"{p}{i}" for p in "an" for i in range(MAX_MODELS))),
     )
+
+
+def _largest(values: torch.Tensor, rank: int) -> float:
+    """The (rank + 1)-th largest of ``values``, by selection (kthvalue) rather than a sort."""
+    return float(torch.kthvalue(values, values.numel() - rank).values)
 
 
 def _bracket_missed(key: str) -> Callable[[object], bool]:
@@ -165,23 +182,31 @@ class Cut:
         # needs a running count
         self.ties_before = ties_before
 
-    def keep(self, magnitude: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
-        """The boolean mask of kept elements for this band (same shape as ``magnitude``)."""
+    def band_rule(self, ctx: TensorContext) -> tuple[float, int]:
+        """What this band keeps, as (threshold, ties): every magnitude above the threshold, and of the elements
+        equal to it all (ties = -1), none (0) or the first ``ties`` in flat order from the band's start."""
         if self.k <= 0:
-            return torch.zeros_like(magnitude, dtype=torch.bool)
-        if self.ties_kept < 0:
-            return magnitude >= self.threshold
-        mask = magnitude > self.threshold
-        if self.ties_kept == 0:
-            return mask
+            return math.inf, 0
+        if self.ties_kept <= 0:
+            return self.threshold, self.ties_kept
         before, here = self.ties_before.get(_band_start(ctx), (0, None))
         if before >= self.ties_kept:
-            return mask  # the kept ties all lie in earlier bands
+            return self.threshold, 0  # the kept ties all lie in earlier bands
         if here is not None and before + here <= self.ties_kept:
-            return mask | (magnitude == self.threshold)  # every tie in this band is kept
-        equal = (magnitude == self.threshold).reshape(-1)
-        order = torch.cumsum(equal, 0, dtype=torch.int64) + before
-        return mask | (equal & (order <= self.ties_kept)).reshape(magnitude.shape)
+            return self.threshold, -1  # every tie in this band is kept
+        return self.threshold, self.ties_kept - before
+
+    def keep(self, magnitude: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+        """The boolean mask of kept elements for this band (same shape as ``magnitude``)."""
+        threshold, ties = self.band_rule(ctx)
+        if ties < 0:
+            return magnitude >= threshold
+        mask = magnitude > threshold
+        if ties == 0:
+            return mask
+        equal = (magnitude == threshold).reshape(-1)
+        order = torch.cumsum(equal, 0, dtype=torch.int64)
+        return mask | (equal & (order <= ties)).reshape(magnitude.shape)
 
 
 def _cut(k: int, thr: float, above: int, values: torch.Tensor, lengths: torch.Tensor, starts: list[int]) -> Cut:

@@ -12,23 +12,32 @@ only in how each τ_i is sparsified, whether a sign is elected and their default
 
 ``rescale`` multiplies each sparsified τ_i so that its L1 norm equals the original's (mergekit's rescale; DARE's
 paper divides by the keep probability instead: both keep the expected magnitude, the L1 form exactly per tensor).
-Random masks draw from ``ctx.generator()``: seeded by (seed, tensor name), so the same config gives the same bytes
-in any order and on any number of threads.
+DARE's random masks hash (seed, tensor name, model, element position) (``merging/native/rng.py``), DELLA's draw from
+``ctx.generator()`` seeded by (seed, tensor name, band): the same config gives the same bytes in any order and on
+any number of threads.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable
 
 import torch
 
-from ..coefficients import (COEFFICIENT_PARAMS, NAN_NORMS_PASS, model_weights, nan_reduce, needs_model_norms,
-                            ordered_sum)
+from ..coefficients import (
+    COEFFICIENT_PARAMS,
+    NAN_NORMS_PASS,
+    model_weights,
+    nan_reduce,
+    needs_model_norms,
+    ordered_sum,
+    weights_known,
+)
 from ..errors import ConfigError
+from ..native import ops, rng
 from .registry import MergeMethod, Param, StatsPass, TensorContext, register
 from .selection import topk_passes
-
 
 # --- sparsification: each takes one task vector and returns it with some entries set to zero -----------------
 
@@ -88,12 +97,12 @@ def magnitude_outliers_prune(tau: torch.Tensor, density: float, gamma: float) ->
     return tau * (below_top & ~outliers)
 
 
-def random_prune(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE: keep each entry independently with probability ``density`` (drop rate p = 1 − density)."""
+def random_prune(tau: torch.Tensor, density: float, ctx: TensorContext, model: int) -> torch.Tensor:
+    """DARE: keep each entry independently with probability ``density`` (drop rate p = 1 − density); the draws
+    are a hash of (seed, tensor, model, element position), so any band layout gives the same mask."""
     if density >= 1:
         return tau
-    keep = torch.rand(tau.shape, generator=generator, device=tau.device, dtype=torch.float32) < density
-    return tau * keep
+    return tau * rng.keep_mask(ctx, model, tau.shape, density, tau.device)
 
 
 def della_keep_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -142,7 +151,7 @@ def sparsify(tau: torch.Tensor, how: str | None, params: dict, i: int, generator
         else:
             kept = magnitude_outliers_prune(tau, density, params["gamma"][i])
     elif how == "random":
-        kept = random_prune(tau, density, generator)
+        kept = random_prune(tau, density, ctx, i)
     elif how == "della":
         kept = della_prune(tau, density, params["epsilon"][i], generator, ctx.name)
     else:
@@ -175,9 +184,9 @@ def _sparsifies(params: dict) -> bool:
 
 def _l1_pass(how: str) -> StatsPass:
     """The L1 norms before and after sparsification, summed over bands, for ``rescale`` (same random draws as the
-    merge itself: the generator is seeded by the band)."""
+    merge itself: DARE's draws hash the element position, DELLA's generator is seeded by the band)."""
     def collect(base, models, params, ctx):
-        generator = ctx.generator(base.device) if how in ("random", "della") else None
+        generator = ctx.generator(base.device) if how == "della" else None
         before, after = [], []
         for i, theta in enumerate(models):
             tau = theta - base
@@ -186,8 +195,17 @@ def _l1_pass(how: str) -> StatsPass:
             after.append(ordered_sum(kept.abs()).to(torch.float64))
         return {"l1": torch.stack([torch.stack(before), torch.stack(after)])}
 
+    def collect_native(base, models, params, ctx):
+        if how != "random":
+            return None
+        start = rng.first_index(ctx)
+        sums = [ops.random_l1(base, theta, rng.model_key(ctx, i), rng.keep_limit(min(1.0, params["density"][i])),
+                              start) for i, theta in enumerate(models)]
+        return {"l1": torch.tensor([[s[0] for s in sums], [s[1] for s in sums]], dtype=torch.float64)}
+
     return StatsPass(collect, finish=lambda combined, params, ctx: {**(ctx.stats or {}), **combined},
-                     needed=lambda params: bool(params.get("rescale")) and _sparsifies(params))
+                     needed=lambda params: bool(params.get("rescale")) and _sparsifies(params),
+                     native=collect_native)
 
 
 def stats_passes(how: str | None) -> tuple[StatsPass, ...]:
@@ -213,7 +231,7 @@ def merge_task_vectors(base: torch.Tensor, models: list[torch.Tensor], params: d
                        sparsification: str | None, consensus: bool) -> torch.Tensor:
     """θ_base + λ · Σ (m_i) w_i sparsify(τ_i) / divisor: see the module docstring for every term."""
     weights = model_weights(base, models, params, ctx)
-    generator = ctx.generator(base.device) if sparsification in ("random", "della") else None
+    generator = ctx.generator(base.device) if sparsification == "della" else None
     deltas = torch.stack([sparsify(theta - base, sparsification, params, i, generator, ctx)
                           for i, theta in enumerate(models)])
     w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).view(-1, *([1] * base.dim()))
@@ -232,6 +250,48 @@ def merge_task_vectors(base: torch.Tensor, models: list[torch.Tensor], params: d
     if params["lambda"] != 1:
         merged *= params["lambda"]
     return base + merged
+
+
+def _rescale_factors(params: dict, ctx: TensorContext, sparsifying: bool) -> list[float] | None:
+    """Each model's rescale factor ‖τ_i‖₁ / ‖sparsified τ_i‖₁ from the L1 pass (1 where not rescaled); None when the
+    pass has not run (the torch path then computes it from the tensor)."""
+    n = len(params["density"])
+    if not (sparsifying and params.get("rescale")):
+        return [1.0] * n
+    l1 = (ctx.stats or {}).get("l1")
+    if l1 is None:
+        return None
+    return [float(l1[0][i] / l1[1][i]) if params["density"][i] < 1 and l1[0][i] >= 1e-7 and l1[1][i] >= 1e-7 else 1.0
+            for i in range(n)]
+
+
+def merge_task_vectors_native(base, models, params, ctx, out_dtype, *, sparsification: str | None,
+                              consensus: bool):
+    """``merge_task_vectors`` as one fused pass over the stored inputs (merging/native); None where it needs the
+    torch path (statistics that were not gathered)."""
+    if not weights_known(params, ctx):
+        return None
+    sparsifying = sparsification is not None and _sparsifies(params)
+    scales = _rescale_factors(params, ctx, sparsifying)
+    if scales is None:
+        return None
+    cuts = draws = None
+    if sparsifying and sparsification in ("magnitude", "outliers"):
+        found = (ctx.stats or {}).get("cuts")
+        if found is None:
+            return None
+        cuts = [[cut.band_rule(ctx) for cut in model_cuts] if params["density"][i] < 1 else [(-math.inf, -1)]
+                for i, model_cuts in enumerate(found)]
+        if sparsification == "outliers":  # keep above the first cut, drop above the second
+            cuts = [c if len(c) == 2 else [c[0], (math.inf, 0)] for c in cuts]
+    elif sparsifying:  # random
+        draws = ([rng.model_key(ctx, i) for i in range(len(models))],
+                 [rng.keep_limit(min(1.0, d)) for d in params["density"]], rng.first_index(ctx))
+    weights = model_weights(None, models, params, ctx)
+    total = sum(weights)
+    return ops.task_vectors(base, models, weights, scales, out_dtype, cuts=cuts, draws=draws, consensus=consensus,
+                            normalize=params["normalize"], divisor=total if abs(total) >= 1e-8 else 1.0,
+                            lam=params["lambda"])
 
 
 # --- the registered methods ------------------------------------------------------------------------------------
@@ -271,10 +331,13 @@ def _register(name: str, summary: str, paper: str, sparsification: str | None, c
     params = (WEIGHT, *extra, LAMBDA, _normalize(normalize), _rescale(rescale), INT8_MASK, *COEFFICIENT_PARAMS)
     fn = partial(merge_task_vectors, sparsification=sparsification, consensus=consensus)
     fn.__doc__ = f"{summary} ({paper}); see ``merge_task_vectors``."
+    native = None  # DELLA's per-row magnitude ranks are a sort: only the torch path has them
+    if sparsification != "della":
+        native = partial(merge_task_vectors_native, sparsification=sparsification, consensus=consensus)
     register(MergeMethod(
         name=name, fn=fn, summary=summary, paper=paper, params=params, base="required", min_models=1,
         randomized=sparsification in ("random", "della"), reduce=nan_reduce, reduce_needed=needs_model_norms,
-        elementwise=True, stats=stats_passes(sparsification),
+        elementwise=True, stats=stats_passes(sparsification), native=native,
     ))
 
 

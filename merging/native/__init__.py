@@ -1,0 +1,189 @@
+"""Fused CPU kernels (``kernels.c``), compiled on first use with the system C compiler and loaded with ctypes.
+
+The torch code in ``merging/methods`` is the reference and the fallback: it runs on CUDA, where no compiler is
+found, or with ``MERGESCOPE_NATIVE=0``. On the CPU these kernels read each bf16/f16/f32 input once and write the
+output dtype directly, which cuts a merge's memory traffic several times over (see the README's performance table).
+
+The shared library is cached under ``$MERGESCOPE_CACHE`` (default ``~/.cache/mergescope``), named by a hash of the
+source, the compiler and the CPU, and written atomically, so concurrent first runs do not collide.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+SUM_BLOCK = 65536  # kernels.c returns partial sums per this many elements
+MAX_INPUTS = 32
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# -fopenmp-simd only honours `omp simd` loop hints (vectorized sums); it links no OpenMP runtime.
+FLAGS = ("-O3", "-shared", "-fPIC", "-fno-math-errno", "-fopenmp-simd")
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_pool: ThreadPoolExecutor | None = None
+_why_not = ""
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MERGESCOPE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mergescope")
+    return Path(root)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compile(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        for arch in (("-march=native",), ()):  # -march=native is refused by some compilers (and CPUs)
+            done = subprocess.run([compiler, *FLAGS, *arch, "-o", str(out), str(SOURCE)],
+                                  capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                os.replace(out, target)
+                return
+        raise OSError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.ms_weighted_sum.argtypes = [i64, i32, p, p, p, f32, p, i32]
+    lib.ms_weighted_sum.restype = i64
+    lib.ms_task_vectors.argtypes = [i64, i32, p, i32, p, p, p, p, i32, p, p, i32, p, p, i64, i32, i32, f32, f32, p, i32]
+    lib.ms_task_vectors.restype = i64
+    lib.ms_row_sums.argtypes = [i64, i64, i32, p, i32, p, p, p, p, i32, p, i32, p, i32, p, i64]
+    lib.ms_row_sums.restype = None
+    lib.ms_tie_end.argtypes = [i64, p, i32, p, i32, f32, i64]
+    lib.ms_tie_end.restype = i64
+    lib.ms_bracket.argtypes = [i64, p, i32, p, i32, f32, f32, p, i64, p, p]
+    lib.ms_bracket.restype = None
+    lib.ms_random_l1.argtypes = [i64, p, i32, p, i32, ctypes.c_uint64, ctypes.c_uint32, i64, p, p]
+    lib.ms_random_l1.restype = None
+    lib.ms_emr.argtypes = [i64, i32, p, i32, p, p, p, i32, p, p]
+    lib.ms_emr.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, compiling them the first time; None when disabled or no compiler works (see why_not)."""
+    global _lib, _tried, _why_not
+    if disabled():
+        return None
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if not compiler:
+            _why_not = "no C compiler found"
+            return None
+        try:
+            version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+            key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_model().encode()
+                                 + " ".join(FLAGS).encode()).hexdigest()[:16]
+            target = _cache_dir() / f"kernels-{key}.so"
+            if not target.exists():
+                try:
+                    _compile(compiler, target)
+                except PermissionError:
+                    target = Path(tempfile.gettempdir()) / "mergescope" / target.name
+                    if not target.exists():
+                        _compile(compiler, target)
+            _lib = _declare(ctypes.CDLL(str(target)))
+        except (OSError, subprocess.SubprocessError) as exc:
+            _why_not = f"could not build the kernels: {exc}"
+            _lib = None
+        return _lib
+
+
+def disabled() -> bool:
+    """``MERGESCOPE_NATIVE=0`` switches the kernels off (read at every call, so a test can flip it)."""
+    return os.environ.get("MERGESCOPE_NATIVE", "1") == "0"
+
+
+def why_not() -> str:
+    """Why ``library()`` is None ("" when it loaded or was not tried)."""
+    return "disabled by MERGESCOPE_NATIVE=0" if disabled() else _why_not
+
+
+def usable(device: torch.device, *tensors: torch.Tensor | None, out_dtype: torch.dtype | None = None) -> bool:
+    """Whether the kernels can take these tensors: CPU, contiguous, a dtype they read, at most MAX_INPUTS."""
+    if device.type != "cpu" or len(tensors) > MAX_INPUTS + 1:
+        return False
+    if out_dtype is not None and out_dtype not in DTYPE_CODES:
+        return False
+    for t in tensors:
+        if t is not None and (t.dtype not in DTYPE_CODES or not t.is_contiguous() or t.device.type != "cpu"):
+            return False
+    return library() is not None
+
+
+def threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        with _lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="kernel")
+    return _pool
+
+
+def ranges(n: int, align: int = SUM_BLOCK, parts: int | None = None) -> list[tuple[int, int]]:
+    """[0, n) cut into about ``parts`` (default: one per thread) ranges whose starts are multiples of ``align``."""
+    per_part = -(-n // (parts or threads()))
+    step = max(align, -(-per_part // align) * align)
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)] or [(0, 0)]
+
+
+def run_ranges(call: Callable[[int, int], object], n: int, align: int = SUM_BLOCK, parallel: bool = True) -> list:
+    """``call(lo, hi)`` over ``ranges(n, align)`` on the kernel threads (ctypes releases the GIL); results in order."""
+    spans = ranges(n, align) if parallel else [(0, n)]
+    if len(spans) == 1:
+        return [call(*spans[0])]
+    futures = [_executor().submit(call, lo, hi) for lo, hi in spans]
+    return [f.result() for f in futures]
+
+
+def pointer(tensor: torch.Tensor | None, offset: int = 0) -> int | None:
+    """The address of element ``offset`` of a contiguous tensor (None for no tensor)."""
+    if tensor is None:
+        return None
+    return tensor.data_ptr() + offset * tensor.element_size()
+
+
+def pointers(tensors: Sequence[torch.Tensor], offset: int = 0):
+    return (ctypes.c_void_p * len(tensors))(*[pointer(t, offset) for t in tensors])
+
+
+def codes(tensors: Sequence[torch.Tensor]):
+    return (ctypes.c_int * len(tensors))(*[DTYPE_CODES[t.dtype] for t in tensors])
+
+
+def floats(values: Sequence[float]):
+    return (ctypes.c_float * len(values))(*values)

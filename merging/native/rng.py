@@ -1,0 +1,62 @@
+"""DARE's random draws: a counter-based hash of (key, flat element index), the torch twin of ``draw24`` in
+kernels.c. Each element's draw depends only on the seed, the tensor, the model and the element's position, so a
+band, a range or a whole tensor computed on any number of threads gets the same mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..methods.registry import TensorContext, stable_seed
+
+GOLDEN = 0x9E3779B9
+MASK32 = 0xFFFFFFFF
+ONE24 = 1 << 24
+
+
+def model_key(ctx: TensorContext, model: int) -> int:
+    """The 64-bit key of model ``model``'s draws on this tensor."""
+    return stable_seed(ctx.seed, f"{ctx.name}#{model}")
+
+
+def keep_limit(density: float) -> int:
+    """An entry is kept when its 24-bit draw is below this: probability ``density`` (to 2^-24)."""
+    return max(0, min(ONE24, round(density * ONE24)))
+
+
+def first_index(ctx: TensorContext) -> int:
+    """The flat index, in the whole tensor, of the first element of the band ``ctx`` describes."""
+    if not ctx.band or not ctx.shape or ctx.shape[0] == 0:
+        return 0
+    row = 1
+    for size in ctx.shape[1:]:
+        row *= size
+    return ctx.band[0] * row
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # int64 arithmetic on values below 2^32: products wrap modulo 2^64, and the low 32 bits are kept.
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def draw24(key: int, first: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """24-bit draws (int64) for element indices first .. first + n - 1 under ``key``."""
+    index = torch.arange(first, first + n, dtype=torch.int64, device=device)
+    low, high = index & MASK32, index >> 32
+    h = _mix32((low * GOLDEN + (key & MASK32)) & MASK32)
+    h = _mix32(h ^ high ^ ((key >> 32) & MASK32))
+    return h >> 8
+
+
+def keep_mask(ctx: TensorContext, model: int, shape: torch.Size | tuple[int, ...], density: float,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """DARE's keep mask for model ``model`` on this band: each entry kept with probability ``density``."""
+    n = 1
+    for size in shape:
+        n *= size
+    draws = draw24(model_key(ctx, model), first_index(ctx), n, device)
+    return (draws < keep_limit(density)).reshape(shape)

@@ -1,0 +1,160 @@
+"""The fused CPU kernels (merging/native) against the torch code they stand in for.
+
+Every merge here runs twice on the same real checkpoints, once with the kernels and once with
+``MERGESCOPE_NATIVE=0`` (the torch path, which is also what runs on CUDA or without a C compiler); the outputs must
+be the same bytes, band by band and whole.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import (
+    fine_tune,
+    llama_config,
+    llama_tensors,
+    load_folder,
+    save_checkpoint,
+)
+
+from merging import native, parse_config, run_merge
+from merging.methods.registry import TensorContext
+from merging.native import ops, rng
+
+ROOT = Path(__file__).resolve().parent.parent
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                    reason="no C compiler: only the torch path exists here")
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """A bf16 base and three fine-tunes: bf16 task vectors have many exact ties at any top-k threshold."""
+    root = tmp_path_factory.mktemp("native")
+    cfg = llama_config(hidden=32, intermediate=48, layers=2, vocab=96)
+    base = llama_tensors(cfg, seed=0, dtype=torch.bfloat16)
+    folders = [save_checkpoint(root / "base", base, cfg)]
+    for k in range(3):
+        folders.append(save_checkpoint(root / f"ft{k}", fine_tune(base, seed=k, scale=0.02), cfg))
+    return folders
+
+
+def _merge_both(text: str, out: Path, monkeypatch) -> tuple[dict, dict]:
+    monkeypatch.delenv("MERGESCOPE_NATIVE", raising=False)
+    run_merge(parse_config(text), out / "native")
+    monkeypatch.setenv("MERGESCOPE_NATIVE", "0")
+    run_merge(parse_config(text), out / "torch")
+    monkeypatch.delenv("MERGESCOPE_NATIVE")
+    return load_folder(out / "native"), load_folder(out / "torch")
+
+
+CASES = [
+    ("linear", "{}"),
+    ("task_arithmetic", "{lambda: 0.7}"),
+    ("task_arithmetic", "{normalize: true, coefficients: nan}"),
+    ("ties", "{density: 0.3}"),
+    ("ties", "{density: 0.3, rescale: true}"),
+    ("breadcrumbs", "{density: 0.5, gamma: 0.1}"),
+    ("breadcrumbs_ties", "{density: 0.4, gamma: 0.2}"),
+    ("dare_linear", "{density: 0.5}"),
+    ("dare_ties", "{density: 0.3}"),
+    ("emr", "{}"),
+    ("emr", "{rescaler: tensor_mean}"),
+]
+
+
+@needs_compiler
+@pytest.mark.parametrize("band_elements", [None, 100])
+@pytest.mark.parametrize("method, params", CASES)
+def test_kernels_give_the_torch_bytes(family, tmp_path, monkeypatch, method, params, band_elements):
+    import merging.engine as engine
+
+    assert native.library() is not None, native.why_not()
+    if band_elements:
+        monkeypatch.setattr(engine, "BAND_ELEMENTS", band_elements)  # bands of a few rows, ties cut mid-tensor
+    base, *tunes = family
+    weights = (1.0, 0.5, 0.8)
+    models = ", ".join(f"{{model: {t}, parameters: {{weight: {w}}}}}" for t, w in zip(tunes, weights))
+    if method == "emr":
+        models = ", ".join(f"{{model: {t}}}" for t in tunes)
+    text = f"merge_method: {method}\nbase_model: {base}\nmodels: [{models}]\nparameters: {params}\ndtype: bfloat16\n"
+    fast, slow = _merge_both(text, tmp_path, monkeypatch)
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        if method.startswith("dare"):
+            # DARE rescales by L1 norms summed in a different (fixed) order: last-bit differences only
+            torch.testing.assert_close(fast[name].float(), slow[name].float(), rtol=1e-2, atol=1e-5)
+        else:
+            assert torch.equal(fast[name], slow[name]), name
+    if method == "emr":
+        import json
+
+        a = json.loads((tmp_path / "native" / "emr.json").read_text())["tasks"]
+        b = json.loads((tmp_path / "torch" / "emr.json").read_text())["tasks"]
+        for x, y in zip(a, b):
+            assert x["rescaler"] == pytest.approx(y["rescaler"], rel=1e-9)
+            assert x["mask_density"] == y["mask_density"]
+
+
+@needs_compiler
+def test_draws_match_their_torch_twin_across_the_32_bit_boundary():
+    ctx = TensorContext("model.layers.0.mlp.up_proj.weight", seed=7)
+    key, first, n = rng.model_key(ctx, 2), (1 << 32) - 300, 1000
+    limit = rng.keep_limit(0.37)
+    ones, zeros = torch.ones(n), torch.zeros(n)
+    kept, _ = ops.task_vectors(zeros, [ones], [1.0], [1.0], torch.float32, draws=([key], [limit], first),
+                               consensus=False, normalize=False, divisor=1.0, lam=1.0)
+    assert torch.equal(kept > 0, rng.draw24(key, first, n) < limit)
+    assert 0.3 < float((kept > 0).float().mean()) < 0.45
+
+
+@needs_compiler
+def test_kernels_store_bf16_with_round_to_nearest_even_and_count_nonfinite():
+    values = torch.tensor([1.0, 1.00390625, 1.01171875, -2.5, float("inf"), float("nan"), 3.0e38, 1e-40])
+    out, bad = ops.weighted_sum([values, torch.zeros_like(values)], [1.0, 0.0], torch.bfloat16)
+    finite = torch.isfinite(values) | torch.isinf(values)  # NaN payloads differ between torch builds; NaN is NaN
+    assert out[finite].view(torch.int16).tolist() == values[finite].to(torch.bfloat16).view(torch.int16).tolist()
+    assert bool(out[~finite].isnan().all())
+    assert bad == 2  # inf and nan; 3e38 still fits in bf16
+
+
+@needs_compiler
+def test_bracket_and_tie_end_are_exact():
+    torch.manual_seed(0)
+    base = torch.randn(300_000).to(torch.bfloat16)
+    model = (base.float() + torch.randn(300_000) * 0.01).to(torch.bfloat16)
+    magnitude = (model.float() - base.float()).abs()
+    lo, hi = float(magnitude.quantile(0.79)), float(magnitude.quantile(0.81))
+    above, inside = ops.bracket(base, model, lo, hi)
+    assert above == int((magnitude > hi).sum())
+    assert torch.equal(inside, magnitude[(magnitude >= lo) & (magnitude <= hi)])
+    threshold = float(magnitude.kthvalue(200_000).values)
+    ties = (magnitude == threshold).nonzero().reshape(-1)
+    assert ties.numel() > 10  # bf16 differences repeat
+    end = ops._tie_end(base, model, threshold, 7)
+    assert end == int(ties[6]) + 1
+
+
+@needs_compiler
+def test_without_a_compiler_the_torch_path_merges_the_same_bytes(family, tmp_path):
+    base, a, b, _ = family
+    cfg = tmp_path / "ties.yml"
+    cfg.write_text(f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
+                   "parameters: {density: 0.4}\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CC": str(tmp_path / "no-such-compiler"),
+           "MERGESCOPE_CACHE": str(tmp_path / "cache")}
+    probe = subprocess.run([sys.executable, "-c", "from merging import native; print(native.library() is None, "
+                            "native.why_not())"], capture_output=True, text=True, env=env, timeout=120)
+    assert probe.stdout.startswith("True could not build the kernels"), probe.stdout + probe.stderr
+    done = subprocess.run([sys.executable, "-m", "merging", "merge", str(cfg), str(tmp_path / "plain")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    run_merge(parse_config(cfg.read_text()), tmp_path / "fast")
+    plain, fast = load_folder(tmp_path / "plain"), load_folder(tmp_path / "fast")
+    assert all(torch.equal(plain[k], fast[k]) for k in fast)
