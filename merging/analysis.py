@@ -1,8 +1,12 @@
 """Merge diagnostics: where the fine-tunes agree, where they fight, and how the configured method resolves it.
 
-From the same config as a merge, one streaming pass over the plan's tensor tasks (each input tensor read once)
-gathers, per tensor, additive sums from which every statistic is derived per tensor, per layer (the block index
-of ``merging.plan.layer_index``; embeddings, head and the rest as their own groups) and for the whole model.
+From the same config as a merge, one streaming pass over the plan's tensor tasks gathers, per tensor, additive
+sums from which every statistic is derived per tensor, per layer (the block index of ``merging.plan.layer_index``;
+embeddings, head and the rest as their own groups) and for the whole model. An exact pass goes by the engine's row
+bands, like a merge: tensors of more than 256K elements first get the trim's exact top-k cuts (and a sparsifying
+method's own) from the engine's statistics passes, a strided sample and a counting pass that the page cache serves,
+so no whole tensor is ever held; smaller tensors are read once, whole. The sums run in one fused kernel
+(``merging.native``) on the CPU, else in torch.
 With τ_i = θ_i − θ_base (float32, on the stored values):
 
 - task-vector norm ‖τ_i‖_F, and ‖τ_i‖ / ‖θ_base‖;
@@ -22,8 +26,8 @@ With τ_i = θ_i − θ_base (float32, on the stored values):
   reconstruction error ‖τ_i − τ̂_i‖ / ‖τ_i‖ of θ̂_i = θ_base + τ̂_i for τ̂_i = τ_uni, M_i ⊙ τ_uni, and
   λ_i M_i ⊙ τ_uni (λ_i the whole-model value). The squared error expands into sums (‖τ_i‖² − 2λ⟨τ_i, M_i τ_uni⟩
   + λ²‖M_i τ_uni‖²), so the whole-model λ_i is applied after the pass without reading anything again;
-- merged distance ‖θ_merged − θ_i‖ / ‖τ_i‖: the configured method's function run (through the registry) on the
-  same tensors. For ``emr``/``emr_rescale`` the "merged" model of task i is its rebuilt θ_base + λ_i M_i ⊙ τ_uni
+- merged distance ‖θ_merged − θ_i‖ / ‖τ_i‖: the configured method run (through the registry) on the same
+  tensors, θ_merged in the output dtype as the merge writes it. For ``emr``/``emr_rescale`` the "merged" model of task i is its rebuilt θ_base + λ_i M_i ⊙ τ_uni
   with the method's own τ_uni and rescaler variant (``skip`` tensors are kept per task: distance 0).
   A method that needs a whole-model reduction before merging (NAN with ``nan_scope: model``) gets it from a
   first pass over the same rows: the one case where inputs are read twice (``meta.passes`` says 2).
@@ -55,10 +59,15 @@ import torch
 
 from .coefficients import nan_coefficients
 from .config import MergeConfig
+from . import native
 from .engine import Executor, _reuse_freed_memory, pick_device
 from .errors import ConfigError
 from .methods.emr import elect, emr_outputs, is_skipped, tau_uni_name
 from .methods.registry import MergeMethod, TensorContext, stable_seed
+from .safetensors_io import DTYPES
+from .methods.selection import Cut, topk_passes
+from .native import ops
+from .methods.task_vectors import sparsified_ranks
 from .plan import MergePlan, TensorTask, build_plan, layer_index
 from .sources import CheckpointSource, open_sources
 
@@ -255,11 +264,34 @@ class _TopK:
         self.threshold = flat.kthvalue(n - k + 1).values
         self.ties_left = k - int((flat > self.threshold).sum())
 
+    @classmethod
+    def from_rule(cls, threshold: float, ties: int) -> "_TopK":
+        """The trim of one row band of a tensor, from its exact cut (``Cut.band_rule``): magnitudes above
+        ``threshold``, and of those equal to it all (ties = -1), none (0) or the first ``ties``."""
+        top = cls.__new__(cls)
+        top.all = top.none = False
+        top.threshold = torch.tensor(threshold)
+        top.all_ties, top.ties_left = ties < 0, max(ties, 0)
+        return top
+
+    def rule(self) -> tuple[float, int]:
+        """The same trim as (threshold, ties) for the fused kernel: ties -1 keeps every element equal to the
+        threshold, 0 none, n the first n in flat order."""
+        if self.all:
+            return -math.inf, -1
+        if self.none:
+            return math.inf, 0
+        if getattr(self, "all_ties", False):
+            return float(self.threshold), -1
+        return float(self.threshold), self.ties_left
+
     def mask(self, magnitude: torch.Tensor) -> torch.Tensor:
         if self.all:
             return torch.ones_like(magnitude, dtype=torch.bool)
         if self.none:
             return torch.zeros_like(magnitude, dtype=torch.bool)
+        if getattr(self, "all_ties", False):
+            return magnitude >= self.threshold
         keep = magnitude > self.threshold
         if self.ties_left > 0:
             tied = (magnitude.reshape(-1) == self.threshold).nonzero().reshape(-1)[: self.ties_left]
@@ -269,13 +301,14 @@ class _TopK:
 
 
 def tensor_sums(base: torch.Tensor, models: list[torch.Tensor], *, rows: int | None = None,
-                trim_density: list[float] | None = None, merged: torch.Tensor | None = None,
-                method_tau_uni: torch.Tensor | None = None, emr_merged: bool = True,
-                method_emr: bool = False) -> TensorSums:
+                trim_density: list[float] | None = None, trim_rules: list[tuple[float, int]] | None = None,
+                merged: torch.Tensor | None = None, method_tau_uni: torch.Tensor | None = None,
+                emr_merged: bool = True, method_emr: bool = False, numel: int | None = None) -> TensorSums:
     """The sums of one tensor from float32 ``base`` and ``models`` (the whole tensor, or the rows read of it).
 
     ``rows``: the tensor's full row count (default: the rows given, i.e. an exact pass). ``trim_density``: per
-    model, for the TIES trim. ``merged``: the configured method's result on the same rows (for the distance).
+    model, for the TIES trim; ``trim_rules`` instead, for one row band of a tensor: per model its exact cut
+    (threshold, ties) from ``Cut.band_rule``. ``numel``: the whole tensor's size when this is a band of it. ``merged``: the configured method's result on the same rows (for the distance).
     ``method_tau_uni``: an EMR method's own τ_uni; ``method_emr`` marks an EMR method (then ``method_tau_uni`` None
     means a ``skip`` tensor, kept per task). ``emr_merged``: False for tensors EMR does not merge (``skip``).
 
@@ -290,7 +323,10 @@ def tensor_sums(base: torch.Tensor, models: list[torch.Tensor], *, rows: int | N
     rows = read if rows is None else rows
     scale = rows / read if read else 0.0
     densities = trim_density or [DEFAULT_TRIM_DENSITY] * n_models
-    topk = [_TopK((m - b).abs_(), d) for m, d in zip(ms, densities)]
+    if trim_rules is not None:
+        topk = [_TopK.from_rule(threshold, ties) for threshold, ties in trim_rules]
+    else:
+        topk = [_TopK((m - b).abs_(), d) for m, d in zip(ms, densities)]
     uni_m = _as_rows(method_tau_uni) if method_tau_uni is not None else None
     merged_rows = _as_rows(merged) if merged is not None else None
 
@@ -307,50 +343,33 @@ def tensor_sums(base: torch.Tensor, models: list[torch.Tensor], *, rows: int | N
     dist_sq = torch.zeros(n_models, dtype=torch.float64)
     own = torch.zeros(7, n_models, dtype=torch.float64)
     step = max(1, CHUNK_ELEMENTS // max(cols, 1))
-    for r0 in range(0, read, step):
-        r1 = min(read, r0 + step)
-        bb = b[r0:r1]
-        tau = torch.stack([m[r0:r1] - bb for m in ms], dim=1)  # (r, M, C)
-        base_sq += over_rows(bb.square().sum(dim=-1))
-        weight_sq += over_rows(torch.stack([m[r0:r1].square().sum(dim=-1) for m in ms], dim=1))
-        gram_rows = torch.bmm(tau, tau.transpose(1, 2))  # (r, M, M)
-        gram += over_rows(gram_rows)
-        abs_tau = tau.abs()
-        abs_rows = abs_tau.sum(dim=-1)  # (r, M) Σ|τ_i| per row
-        # sign conflicts: ≥ 2 non-zero entries, and both signs present among them
-        both = (tau > 0).any(dim=1) & (tau < 0).any(dim=1)
-        eligible = (tau != 0).sum(dim=1) >= 2
-        conflict.add(both.sum(dim=-1)[None], eligible.sum(dim=-1)[None])
-        del both, eligible
-        # TIES trim, elected sign of the trimmed sum (0 counts as +), |τ̃| mass against it
-        kept = torch.stack([tau[:, i] * topk[i].mask(abs_tau[:, i]) for i in range(n_models)], dim=1)
-        elected = torch.where(kept.sum(dim=1) >= 0, 1.0, -1.0).unsqueeze(1)
-        mass = kept.abs().sum(dim=(1, 2))
-        against = kept.mul_(elected).neg_().clamp_min_(0).sum(dim=(1, 2))  # |τ̃_i| where sign(τ̃_i) = −s
-        trimmed.add(against[None], mass[None])
-        del kept, elected
-        # EMR's election, masks and the sums behind its rescalers and reconstruction errors
+    fused = native.usable(b.device, b, *ms) and read > 0 and cols > 0 and n_models <= native.MAX_INPUTS
+    for r0 in range(0, read, read if fused else step):  # the fused kernel takes every row at once
+        r1 = read if fused else min(read, r0 + step)
+        if fused:
+            q = ops.row_sums(b, ms, [top.rule() for top in topk], emr_merged, merged_rows, uni_m)
+        else:
+            q = _row_sums_torch(b[r0:r1], [m[r0:r1] for m in ms], topk, emr_merged,
+                                None if merged_rows is None else merged_rows[r0:r1],
+                                None if uni_m is None else uni_m[r0:r1])
+        base_sq += over_rows(q["base_sq"])
+        weight_sq += over_rows(q["weight_sq"])
+        gram += over_rows(q["gram"])
+        conflict.add(q["both"][None], q["eligible"][None])
+        trimmed.add(q["against"][None], q["mass"][None])
         if emr_merged:
-            uni = elect(tau.transpose(0, 1))  # (r, C): EMR's τ_uni, s · max of the agreeing |τ_i|
-            ones = torch.ones_like(uni)
-            count, abs_masked, masked_sq, dot, masked_dot = _masked_sums(tau, uni, ones)
-            mask.add(count.T, torch.full((r1 - r0,), cols, dtype=torch.float64, device=tau.device))
-            rescale.add(abs_rows.T, abs_masked.T)
-            emr_dot += torch.stack([over_rows(dot), over_rows(masked_dot), over_rows(masked_sq)])
-            uni_sq += over_rows(uni.square().sum(dim=-1))
-            del uni, ones
+            mask.add(q["count"].T, torch.full((r1 - r0,), cols, dtype=torch.float64))
+            rescale.add(q["abs"].T, q["abs_masked"].T)
+            emr_dot += torch.stack([over_rows(q["dot"]), over_rows(q["masked_dot"]), over_rows(q["masked_sq"])])
+            uni_sq += over_rows(q["uni_sq"])
         if merged_rows is not None:
-            delta = (merged_rows[r0:r1] - bb).unsqueeze(1)
-            dist_sq += over_rows((delta - tau).square_().sum(dim=-1))
-            del delta
+            dist_sq += over_rows(q["dist"])
         if uni_m is not None:
-            u = uni_m[r0:r1]
-            _, abs_masked, masked_sq, _, masked_dot = _masked_sums(tau, u, torch.ones_like(u))
-            numel = rows * cols
-            abs_total, abs_masked_total = over_rows(abs_rows), over_rows(abs_masked)
+            numel = numel or rows * cols
+            abs_total, abs_masked_total = over_rows(q["abs"]), over_rows(q["own_abs_masked"])
             own += torch.stack([abs_total, abs_masked_total, abs_total / numel, abs_masked_total / numel,
-                                over_rows(masked_dot), over_rows(masked_sq), over_rows(gram_rows.diagonal(dim1=1, dim2=2))])
-        del tau, abs_tau
+                                over_rows(q["own_masked_dot"]), over_rows(q["own_masked_sq"]),
+                                over_rows(q["gram"].diagonal(dim1=1, dim2=2))])
     emr_tau_sq = gram.diagonal().clone() if emr_merged else torch.zeros(n_models, dtype=torch.float64)
     return TensorSums(
         elements=rows * cols, rows=rows, rows_read=read, base_sq=float(base_sq) * scale,
@@ -359,6 +378,39 @@ def tensor_sums(base: torch.Tensor, models: list[torch.Tensor], *, rows: int | N
         emr_dot=emr_dot.numpy() * scale, uni_sq=float(uni_sq) * scale, emr_tau_sq=emr_tau_sq.numpy() * scale,
         dist_sq=dist_sq.numpy() * scale if merged is not None else None,
         method_emr=own.numpy() * scale if method_emr else None)
+
+
+def _row_sums_torch(bb: torch.Tensor, ms: list[torch.Tensor], topk: list[_TopK], emr_merged: bool,
+                    merged: torch.Tensor | None, uni_m: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The per-row sums of a chunk of rows (``native.ops.row_sums`` computes the same in one fused pass), with the
+    task vectors stacked row-first (rows, models, columns) so that every inner product is a batched product."""
+    n_models = len(ms)
+    tau = torch.stack([m - bb for m in ms], dim=1)  # (r, M, C)
+    q = {"base_sq": bb.square().sum(dim=-1), "weight_sq": torch.stack([m.square().sum(dim=-1) for m in ms], dim=1)}
+    q["gram"] = torch.bmm(tau, tau.transpose(1, 2))  # (r, M, M)
+    abs_tau = tau.abs()
+    q["abs"] = abs_tau.sum(dim=-1)  # (r, M) Σ|τ_i| per row
+    # sign conflicts: ≥ 2 non-zero entries, and both signs present among them
+    q["both"] = ((tau > 0).any(dim=1) & (tau < 0).any(dim=1)).sum(dim=-1)
+    q["eligible"] = ((tau != 0).sum(dim=1) >= 2).sum(dim=-1)
+    # TIES trim, elected sign of the trimmed sum (0 counts as +), |τ̃| mass against it
+    kept = torch.stack([tau[:, i] * topk[i].mask(abs_tau[:, i]) for i in range(n_models)], dim=1)
+    elected = torch.where(kept.sum(dim=1) >= 0, 1.0, -1.0).unsqueeze(1)
+    q["mass"] = kept.abs().sum(dim=(1, 2))
+    q["against"] = kept.mul_(elected).neg_().clamp_min_(0).sum(dim=(1, 2))  # |τ̃_i| where sign(τ̃_i) = −s
+    del kept, elected
+    # EMR's election, masks and the sums behind its rescalers and reconstruction errors
+    if emr_merged:
+        uni = elect(tau.transpose(0, 1))  # (r, C): EMR's τ_uni, s · max of the agreeing |τ_i|
+        q["count"], q["abs_masked"], q["masked_sq"], q["dot"], q["masked_dot"] = _masked_sums(tau, uni,
+                                                                                               torch.ones_like(uni))
+        q["uni_sq"] = uni.square().sum(dim=-1)
+    if merged is not None:
+        q["dist"] = ((merged - bb).unsqueeze(1) - tau).square_().sum(dim=-1)
+    if uni_m is not None:
+        _, q["own_abs_masked"], q["own_masked_sq"], _, q["own_masked_dot"] = _masked_sums(tau, uni_m,
+                                                                                          torch.ones_like(uni_m))
+    return q
 
 
 def _masked_sums(tau: torch.Tensor, uni: torch.Tensor, ones: torch.Tensor):
@@ -496,6 +548,19 @@ class _AnalysisExecutor(Executor):
         super().__init__(*args, **kwargs)
         self.sampled_rows = sampled_rows
 
+    def bands(self, task: TensorTask, elementwise: bool):
+        """Sampled tensors are one unit (their rows are read at once); the rest go by the engine's row bands. A
+        tensor too small to split is still one band, unless tiny: its trim then takes the statistics passes' exact
+        top-k (selection) instead of a kthvalue over the whole tensor."""
+        if task.name in self.sampled_rows:
+            return [None]
+        bands = super().bands(task, elementwise)
+        shape = task.spec.shape
+        if (bands == [None] and elementwise and task.shared_rows is None and len(shape) >= 1
+                and task.spec.numel > WHOLE_TENSOR_BYTES // 4):
+            return [(0, shape[0])]
+        return bands
+
     def read_inputs(self, task: TensorTask, band: tuple[int, int] | None = None):
         rows = self.sampled_rows.get(task.name)
         if rows is None:
@@ -533,6 +598,43 @@ def _stats_in_memory(method: MergeMethod, base, models, params, ctx: TensorConte
         stats = stats_pass.finish(combined, params, ctx) if stats_pass.finish else combined
     ctx.stats = stats
     return stats
+
+
+def _merged_as_written(executor: Executor, task: TensorTask, base, inputs, b, ms, ctx: TensorContext):
+    """The configured method's result on these rows, in the output dtype as the merge writes it (the fused kernel
+    on the stored inputs where there is one), or its dict of outputs."""
+    method, out_dtype = executor.plan.method, DTYPES[task.spec.dtype]
+    if method.native is not None and executor.native_ready(task, base, inputs, out_dtype):
+        done = method.native(base, inputs, task.params, ctx, out_dtype)
+        if done is not None:
+            return done[0]
+    result = method.fn(b, ms, task.params, ctx)
+    return result if isinstance(result, dict) else result.to(out_dtype)
+
+
+@dataclass
+class _Part:
+    task: TensorTask
+    sums: TensorSums
+
+
+# The trim's exact top-k cuts, per model, gathered over a tensor's bands like a sparsifying method's.
+TRIM_PASSES = topk_passes(sparsified_ranks("magnitude"), key="trim", needed=lambda p: any(d < 1 for d in p["density"]))
+
+
+def _trim_cuts(executor: Executor, task: TensorTask, reduced, densities: list[float], method: MergeMethod,
+               stats) -> list[list[Cut]] | None:
+    """The trim's cuts for one tensor; TIES' own cuts when the method is TIES (the same ranks: no extra read).
+    None means nothing is trimmed (every density is 1)."""
+    if not any(d < 1 for d in densities):
+        return None
+    if method.name == "ties" and stats and "cuts" in stats:
+        return stats["cuts"]
+    return executor.tensor_stats(task, reduced, passes=TRIM_PASSES, params={"density": densities})["trim"]
+
+
+def _band_rule(cuts: list[Cut] | None, ctx: TensorContext) -> tuple[float, int]:
+    return (-math.inf, -1) if cuts is None else cuts[0].band_rule(ctx)
 
 
 def _needs_reduction(plan: MergePlan) -> bool:
@@ -640,25 +742,42 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], started:
     per_tensor: list[tuple[TensorTask, TensorSums]] = []
     has_density = any(p.name == "density" for p in method.params)
     several_outputs = False
-    for task, _, base, inputs in executor.stream(tasks, "analyze"):
+    parts: list[TensorSums] = []
+    stats = trim = None
+    # Exact passes go band by band, like a merge: whole-tensor quantities (the trim's and the method's top-k cuts)
+    # come from the engine's statistics passes first, so no whole tensor is ever held.
+    for task, band, base, inputs in executor.stream(tasks, "analyze", banded=True):
         b, ms = executor.inputs(task, base, inputs)
         rows = task.shared_rows or (task.spec.shape[0] if task.spec.shape else 1)
-        ctx = TensorContext(task.name, config.seed, reduced, task.model_names, shape=tuple(b.shape))
-        densities = list(task.params["density"]) if has_density else None
+        densities = list(task.params["density"]) if has_density else [DEFAULT_TRIM_DENSITY] * len(ms)
+        if band is None or band[0] == 0:
+            if parts:
+                per_tensor.append((parts[0].task, TensorSums.add([p.sums for p in parts])))
+            parts = []
+            if band is not None:
+                stats = executor.tensor_stats(task, reduced) if method.stats and not emr_method else None
+                trim = _trim_cuts(executor, task, reduced, densities, method, stats)
+        shape = tuple(task.spec.shape) if band is not None else tuple(b.shape)
+        ctx = TensorContext(task.name, config.seed, reduced, task.model_names, band=band, shape=shape,
+                            stats=stats if band is not None else None)
         emr_merged = not (emr_method and is_skipped(task.name, task.params["skip"]))
         merged = method_uni = None
         if emr_method:
             if emr_merged:
                 method_uni = method.fn(b, ms, task.params, ctx)[tau_uni_name(task.name)]
         else:
-            if method.stats:
+            if method.stats and band is None:
                 _stats_in_memory(method, b, ms, task.params, ctx)
-            merged = method.fn(b, ms, task.params, ctx)
+            merged = _merged_as_written(executor, task, base, inputs, b, ms, ctx)
             if isinstance(merged, dict):  # a method with several outputs per tensor: no single merged weight
                 merged, several_outputs = None, True
-        sums = tensor_sums(b, ms, rows=rows, trim_density=densities, merged=merged, method_tau_uni=method_uni,
-                           emr_merged=emr_merged, method_emr=emr_method)
-        per_tensor.append((task, sums))
+        rules = None if band is None else [_band_rule(trim[i] if trim else None, ctx) for i in range(len(ms))]
+        sums = tensor_sums(b, ms, rows=rows if band is None else b.shape[0], trim_density=densities,
+                           trim_rules=rules, merged=merged, method_tau_uni=method_uni, emr_merged=emr_merged,
+                           method_emr=emr_method, numel=task.spec.numel if band is not None else None)
+        parts.append(_Part(task, sums))
+    if parts:
+        per_tensor.append((parts[0].task, TensorSums.add([p.sums for p in parts])))
     bytes_read = sum(src.bytes_read() for src in sources.values()) - read_before
     if several_outputs:
         notes.append(f"{method.name} writes several tensors per input tensor: no merged-distance statistics")
