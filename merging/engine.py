@@ -51,6 +51,10 @@ class Progress:
 # Element-wise methods and copies run in row bands of about this many elements (16 MB of float32 per input).
 BAND_ELEMENTS = 1 << 22
 
+# A tensor whose stored inputs total at most this stays in memory from its first statistics pass to its merge
+# pass (TIES reads it once instead of three times); larger ones are read again, from the page cache.
+HOLD_BYTES = 256 << 20
+
 ProgressFn = Callable[[Progress], None]
 CancelFn = Callable[[], bool]
 
@@ -138,6 +142,7 @@ class Executor:
         self.progress = progress
         self.cancel = cancel or (lambda: False)
         self.memory = RetainedMemory()
+        self._held: dict[tuple, tuple] = {}  # (tensor, band) -> inputs kept between a tensor's passes
 
     def bands(self, task: TensorTask, elementwise: bool) -> list[tuple[int, int] | None]:
         """Row bands of about BAND_ELEMENTS for element-wise methods and copies; [None] means the whole tensor."""
@@ -160,6 +165,9 @@ class Executor:
         stats = None
         bands = self.bands(task, self.is_elementwise())
         params = task.params if params is None else params
+        self._held.clear()  # what an earlier tensor's merge pass did not take (its prefetched band was read anew)
+        hold = sum(self.sources[r.model].specs()[r.name].nbytes
+                   for r in ([task.base] if task.base else []) + list(task.inputs)) <= HOLD_BYTES
         for stats_pass in self.plan.method.stats if passes is None else passes:
             if stats_pass.needed is not None and not stats_pass.needed(params):
                 continue
@@ -167,12 +175,12 @@ class Executor:
                 continue
             combined: dict[str, torch.Tensor] = {}
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stats-prefetch") as pool:
-                pending = pool.submit(self.read_inputs, task, bands[0])
+                pending = pool.submit(self.held_inputs, task, bands[0], hold)
                 for i, band in enumerate(bands):
                     base, models = pending.result()
                     self.memory.check()
                     if i + 1 < len(bands):
-                        pending = pool.submit(self.read_inputs, task, bands[i + 1])
+                        pending = pool.submit(self.held_inputs, task, bands[i + 1], hold)
                     stride = stats_pass.sample_stride
                     ctx = self.context(task, band, reduced, stats)
                     part = self.native_stats(stats_pass, task, base, models, ctx, params) if stride == 1 else None
@@ -225,6 +233,22 @@ class Executor:
         elementwise = self.is_elementwise()
         return [(task, band) for task in tasks for band in self.bands(task, elementwise)]
 
+    def held_inputs(self, task: TensorTask, band: tuple[int, int] | None, hold: bool):
+        """A band for a statistics pass: from memory when an earlier pass held it, else read (and held if asked),
+        so that a tensor's later passes and its merge pass do not read it again."""
+        key = (task.name, band)
+        inputs = self._held.get(key)
+        if inputs is None:
+            inputs = self.read_inputs(task, band)
+            if hold:
+                self._held[key] = inputs
+        return inputs
+
+    def unit_inputs(self, task: TensorTask, band: tuple[int, int] | None = None):
+        """A unit's inputs for the merge pass: the statistics passes' held copy when there is one."""
+        held = self._held.pop((task.name, band), None)
+        return held if held is not None else self.read_inputs(task, band)
+
     def read_inputs(self, task: TensorTask, band: tuple[int, int] | None = None):
         """The task's tensors (or one row band of them) as stored, on the CPU."""
         base = self.sources[task.base.model].read(task.base.name, band) if task.base else None
@@ -248,14 +272,14 @@ class Executor:
         done_bytes = done_tensors = 0
         start = time.monotonic()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
-            pending = pool.submit(self.read_inputs, *units[0]) if units else None
+            pending = pool.submit(self.unit_inputs, *units[0]) if units else None
             for i, (task, band) in enumerate(units):
                 if self.cancel():
                     pending.cancel()
                     raise Cancelled("merge cancelled; nothing was written")
                 base, models = pending.result()
                 self.memory.check()
-                pending = pool.submit(self.read_inputs, *units[i + 1]) if i + 1 < len(units) else None
+                pending = pool.submit(self.unit_inputs, *units[i + 1]) if i + 1 < len(units) else None
                 yield task, band, base, models
                 last = band is None or band[1] == task.spec.shape[0]
                 done_bytes += task.spec.nbytes if band is None else task.spec.nbytes * (band[1] - band[0]) // task.spec.shape[0]

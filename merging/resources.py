@@ -11,6 +11,7 @@ no weights read), following how the engine runs (merging/engine.py):
                          + 3 · output bytes per element                 (writes in flight)
                          + 4 B · (k · inputs + FIXED_BUFFERS) )         (float32 copies, results, temporaries)
                 + 4 B · tensor · inputs / sample stride                 (statistics passes' concatenated samples)
+                + the tensor's stored inputs, when at most HOLD_BYTES   (held from its statistics to its merge pass)
                 k = BUFFERS_PER_INPUT[method]: 2 for weighted sums and spherical interpolations, 8 for the
                 sparsifying methods (TIES, DARE, DELLA, breadcrumbs) and any method not listed; with the fused
                 CPU kernels (merging/native) k = 0 and FUSED_BUFFERS replaces FIXED_BUFFERS
@@ -86,7 +87,7 @@ def estimate_resources(plan, sources: dict | None = None, fused: bool | None = N
     """
     if fused is None:
         fused = uses_kernels(plan.method)
-    from .engine import BAND_ELEMENTS
+    from .engine import BAND_ELEMENTS, HOLD_BYTES
     from .safetensors_io import dtype_size
 
     specs = {ref: src.specs() for ref, src in (sources or {}).items()}
@@ -113,6 +114,9 @@ def estimate_resources(plan, sources: dict | None = None, fused: bool | None = N
             strides = [p.sample_stride for p in passes if p.concat]
             if strides:
                 need += 4 * numel * len(refs) // min(strides)
+            stored = sum(numel * _stored_itemsize(specs, r) for r in refs)
+            if passes and stored <= HOLD_BYTES:  # held from the first statistics pass to the merge pass
+                need += stored
         if need > peak:
             peak, largest = need, task.name
     return ResourceEstimate(PROCESS_OVERHEAD + peak, _output_bytes(plan) + SIDE_FILE_MARGIN, largest)
