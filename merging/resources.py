@@ -21,8 +21,9 @@ and compares them with what is free: ``MemAvailable`` of /proc/meminfo, or the c
 set when that is lower (a container), and ``shutil.disk_usage`` of the output's nearest existing folder.
 
 The constants are calibrated on measured peaks (tests/test_resources.py measures the peak RSS of real merges
-and checks measured ≤ estimate ≤ 4 × measured): with 16 MB bands and 6 inputs, TIES peaked at 0.91-0.98 GB
-(estimate 1.33 GB), EMR at 0.82 GB (1.22 GB), DELLA at 0.63 GB (1.23 GB), task arithmetic at 0.33 GB (0.62 GB).
+and checks measured ≤ estimate ≤ 4 × measured): with 16 MB bands and 6 inputs, on the torch path, TIES peaked at
+0.91-0.98 GB (estimate 1.33 GB), EMR at 0.82 GB (1.22 GB), DELLA at 0.63 GB (1.23 GB), task arithmetic at 0.33 GB
+(0.62 GB); with the fused kernels, 3 inputs of 48 MB: task arithmetic 0.14 GB (0.39 GB), TIES 0.20 GB (0.49 GB).
 The estimate is for the host; on CUDA part of the float32 working set lives on the GPU instead, so it errs on the
 careful side. TIES' rarely needed exact fall-back pass (a bracket missed) holds every model's magnitudes of one
 whole tensor and is not counted.
