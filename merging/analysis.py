@@ -623,14 +623,15 @@ TRIM_PASSES = topk_passes(sparsified_ranks("magnitude"), key="trim", needed=lamb
 
 
 def _trim_cuts(executor: Executor, task: TensorTask, reduced, densities: list[float], method: MergeMethod,
-               stats) -> list[list[Cut]] | None:
+               stats, first) -> list[list[Cut]] | None:
     """The trim's cuts for one tensor; TIES' own cuts when the method is TIES (the same ranks: no extra read).
     None means nothing is trimmed (every density is 1)."""
     if not any(d < 1 for d in densities):
         return None
     if method.name == "ties" and stats and "cuts" in stats:
         return stats["cuts"]
-    return executor.tensor_stats(task, reduced, passes=TRIM_PASSES, params={"density": densities})["trim"]
+    return executor.tensor_stats(task, reduced, passes=TRIM_PASSES, params={"density": densities},
+                                 first=first)["trim"]
 
 
 def _band_rule(cuts: list[Cut] | None, ctx: TensorContext) -> tuple[float, int]:
@@ -755,8 +756,9 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], started:
                 per_tensor.append((parts[0].task, TensorSums.add([p.sums for p in parts])))
             parts = []
             if band is not None:
-                stats = executor.tensor_stats(task, reduced) if method.stats and not emr_method else None
-                trim = _trim_cuts(executor, task, reduced, densities, method, stats)
+                first = (band, (base, inputs))  # the band in hand: the passes need not read it again
+                stats = executor.tensor_stats(task, reduced, first=first) if method.stats and not emr_method else None
+                trim = _trim_cuts(executor, task, reduced, densities, method, stats, first)
         shape = tuple(task.spec.shape) if band is not None else tuple(b.shape)
         ctx = TensorContext(task.name, config.seed, reduced, task.model_names, band=band, shape=shape,
                             stats=stats if band is not None else None)

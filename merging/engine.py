@@ -159,13 +159,18 @@ class Executor:
         elementwise = self.plan.method.elementwise
         return bool(elementwise(self.plan) if callable(elementwise) else elementwise)
 
-    def tensor_stats(self, task: TensorTask, reduced: torch.Tensor | None, passes=None, params: dict | None = None):
+    def tensor_stats(self, task: TensorTask, reduced: torch.Tensor | None, passes=None, params: dict | None = None,
+                     first=None):
         """Run statistics passes (default: the method's) over one tensor's bands (read again: the page cache serves
-        them); ``params`` replaces the task's parameters for them."""
+        them); ``params`` replaces the task's parameters for them. ``first``: (band, (base, models)), a band the
+        caller already holds (the merge pass's current one), used instead of reading it again."""
         stats = None
         bands = self.bands(task, self.is_elementwise())
         params = task.params if params is None else params
-        self._held.clear()  # what an earlier tensor's merge pass did not take (its prefetched band was read anew)
+        if first is None or (task.name, first[0]) not in self._held:
+            self._held.clear()  # what an earlier tensor's merge pass did not take
+        if first is not None:
+            self._held[(task.name, first[0])] = first[1]
         hold = sum(self.sources[r.model].specs()[r.name].nbytes
                    for r in ([task.base] if task.base else []) + list(task.inputs)) <= HOLD_BYTES
         for stats_pass in self.plan.method.stats if passes is None else passes:
@@ -384,7 +389,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
                         writer.write_async(task.name, base.to(DTYPES[task.spec.dtype]), first_row)
                         continue
                     if plan.method.stats and (band is None or band[0] == 0):
-                        stats = executor.tensor_stats(task, reduced)
+                        stats = executor.tensor_stats(task, reduced, first=(band, (base, models)))
                     result, bad = executor.merge(task, base, models, reduced, band, stats)
                     if after_merge:
                         share = executor.reduction_share(task, band, base, models, result)
