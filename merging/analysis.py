@@ -98,7 +98,7 @@ Top level:
 `meta`: `mode` (`exact` or `sampled`), `sample_fraction` (null when exact; `--sample 1` is an exact pass),
 `tensors_sampled` (tensors read by sampled rows; the others, at most `whole_tensor_bytes` per input, are read
 whole), `seed` (row sampling), `bytes_read` (tensor bytes read from every source, summed `bytes_read()`),
-`bytes_total` (what an exact pass reads), `seconds`, `passes` (1, or 2 when the method needs a whole-model
+`bytes_total` (the inputs' stored bytes: one full pass; an exact pass reads tensors above 256K elements up to three times, for the trim's exact top-k), `seconds`, `passes` (1, or 2 when the method needs a whole-model
 reduction first), `device`, `method`, `base_model`, `models` (the fine-tunes' references, in config order: every
 per-model list below follows it), `model_labels` (short unique names for charts), `trim` (`density_from`:
 `config` or `default`, `default`: 0.2, `densities`: the first tensor's per-model densities), `nan_on` (`weights`
