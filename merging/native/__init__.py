@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,6 +33,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # -fopenmp-simd only honours `omp simd` loop hints (vectorized sums); it links no OpenMP runtime.
 FLAGS = ("-O3", "-shared", "-fPIC", "-fno-math-errno", "-fopenmp-simd")
 
+log = logging.getLogger("mergescope.native")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -106,15 +109,18 @@ def library() -> ctypes.CDLL | None:
                                  + " ".join(FLAGS).encode()).hexdigest()[:16]
             target = _cache_dir() / f"kernels-{key}.so"
             if not target.exists():
+                started = time.monotonic()
                 try:
                     _compile(compiler, target)
                 except PermissionError:
                     target = Path(tempfile.gettempdir()) / "mergescope" / target.name
                     if not target.exists():
                         _compile(compiler, target)
+                log.info("built the merge kernels in %.1f s: %s", time.monotonic() - started, target)
             _lib = _declare(ctypes.CDLL(str(target)))
         except (OSError, subprocess.SubprocessError) as exc:
             _why_not = f"could not build the kernels: {exc}"
+            log.warning("%s; merges run in torch instead (slower)", _why_not)
             _lib = None
         return _lib
 
