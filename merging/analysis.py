@@ -600,14 +600,17 @@ def _stats_in_memory(method: MergeMethod, base, models, params, ctx: TensorConte
     return stats
 
 
-def _merged_as_written(executor: Executor, task: TensorTask, base, inputs, b, ms, ctx: TensorContext):
+def _merged_as_written(executor: Executor, task: TensorTask, base, inputs, floats: Callable[[], tuple],
+                       ctx: TensorContext):
     """The configured method's result on these rows, in the output dtype as the merge writes it (the fused kernel
-    on the stored inputs where there is one), or its dict of outputs."""
+    on the stored inputs where there is one, else ``fn`` on ``floats()``, the float32 inputs), or its dict of
+    outputs."""
     method, out_dtype = executor.plan.method, DTYPES[task.spec.dtype]
     if method.native is not None and executor.native_ready(task, base, inputs, out_dtype):
         done = method.native(base, inputs, task.params, ctx, out_dtype)
         if done is not None:
             return done[0]
+    b, ms = floats()
     result = method.fn(b, ms, task.params, ctx)
     return result if isinstance(result, dict) else result.to(out_dtype)
 
@@ -748,7 +751,9 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], started:
     # Exact passes go band by band, like a merge: whole-tensor quantities (the trim's and the method's top-k cuts)
     # come from the engine's statistics passes first, so no whole tensor is ever held.
     for task, band, base, inputs in executor.stream(tasks, "analyze", banded=True):
-        b, ms = executor.inputs(task, base, inputs)
+        # A band the fused kernels take as stored needs no float32 copies (they cost a quarter of the pass).
+        as_stored = band is not None and not emr_method and executor.native_ready(task, base, inputs)
+        b, ms = (base, inputs) if as_stored else executor.inputs(task, base, inputs)
         rows = task.shared_rows or (task.spec.shape[0] if task.spec.shape else 1)
         densities = list(task.params["density"]) if has_density else [DEFAULT_TRIM_DENSITY] * len(ms)
         if band is None or band[0] == 0:
@@ -770,7 +775,8 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], started:
         else:
             if method.stats and band is None:
                 _stats_in_memory(method, b, ms, task.params, ctx)
-            merged = _merged_as_written(executor, task, base, inputs, b, ms, ctx)
+            floats = (lambda: executor.inputs(task, base, inputs)) if as_stored else (lambda: (b, ms))
+            merged = _merged_as_written(executor, task, base, inputs, floats, ctx)
             if isinstance(merged, dict):  # a method with several outputs per tensor: no single merged weight
                 merged, several_outputs = None, True
         rules = None if band is None else [_band_rule(trim[i] if trim else None, ctx) for i in range(len(ms))]
