@@ -98,7 +98,8 @@ Top level:
 `meta`: `mode` (`exact` or `sampled`), `sample_fraction` (null when exact; `--sample 1` is an exact pass),
 `tensors_sampled` (tensors read by sampled rows; the others, at most `whole_tensor_bytes` per input, are read
 whole), `seed` (row sampling), `bytes_read` (tensor bytes read from every source, summed `bytes_read()`),
-`bytes_total` (the inputs' stored bytes: one full pass; an exact pass reads tensors above 256K elements up to three times, for the trim's exact top-k), `seconds`, `passes` (1, or 2 when the method needs a whole-model
+`bytes_total` (the inputs' stored bytes: one full pass; an exact pass reads tensors above 256K elements up to
+three times, for the trim's exact top-k), `seconds`, `passes` (1, or 2 when the method needs a whole-model
 reduction first), `device`, `method`, `base_model`, `models` (the fine-tunes' references, in config order: every
 per-model list below follows it), `model_labels` (short unique names for charts), `trim` (`density_from`:
 `config` or `default`, `default`: 0.2, `densities`: the first tensor's per-model densities), `nan_on` (`weights`
@@ -252,6 +253,7 @@ class _TopK:
 
     def __init__(self, magnitude: torch.Tensor, density: float) -> None:
         n = magnitude.numel()
+        self.all_ties = False  # a whole tensor's cut keeps its ties by count (ties_left), never all of them
         self.all = density >= 1
         self.none = density <= 0 or n == 0
         if self.all or self.none:
@@ -281,7 +283,7 @@ class _TopK:
             return -math.inf, -1
         if self.none:
             return math.inf, 0
-        if getattr(self, "all_ties", False):
+        if self.all_ties:
             return float(self.threshold), -1
         return float(self.threshold), self.ties_left
 
@@ -290,7 +292,7 @@ class _TopK:
             return torch.ones_like(magnitude, dtype=torch.bool)
         if self.none:
             return torch.zeros_like(magnitude, dtype=torch.bool)
-        if getattr(self, "all_ties", False):
+        if self.all_ties:
             return magnitude >= self.threshold
         keep = magnitude > self.threshold
         if self.ties_left > 0:
@@ -605,14 +607,12 @@ def _merged_as_written(executor: Executor, task: TensorTask, base, inputs, float
     """The configured method's result on these rows, in the output dtype as the merge writes it (the fused kernel
     on the stored inputs where there is one, else ``fn`` on ``floats()``, the float32 inputs), or its dict of
     outputs."""
-    method, out_dtype = executor.plan.method, DTYPES[task.spec.dtype]
-    if method.native is not None and executor.native_ready(task, base, inputs, out_dtype):
-        done = method.native(base, inputs, task.params, ctx, out_dtype)
-        if done is not None:
-            return done[0]
+    done = executor.try_native(task, base, inputs, ctx)
+    if done is not None:
+        return done[0]
     b, ms = floats()
-    result = method.fn(b, ms, task.params, ctx)
-    return result if isinstance(result, dict) else result.to(out_dtype)
+    result = executor.plan.method.fn(b, ms, task.params, ctx)
+    return result if isinstance(result, dict) else result.to(DTYPES[task.spec.dtype])
 
 
 @dataclass

@@ -313,16 +313,21 @@ class Executor:
               reduced: torch.Tensor | None, band: tuple[int, int] | None, stats) -> tuple[object, int | None]:
         """One unit's result, in the output dtype (a tensor, or a dict of outputs for methods like EMR), and its
         count of NaN/Inf values when the kernel counted them (None: not counted)."""
-        method = self.plan.method
-        out_dtype = DTYPES[task.spec.dtype]
-        if method.native is not None and self.native_ready(task, base, models, out_dtype):
-            done = method.native(base, models, task.params, self.context(task, band, reduced, stats), out_dtype)
-            if done is not None:
-                return done
+        done = self.try_native(task, base, models, self.context(task, band, reduced, stats))
+        if done is not None:
+            return done
         result = self.compute(task, base, models, reduced, band=band, stats=stats)
         if isinstance(result, dict):
             return result, None
         return self.finish_tensor(task, result, base), None
+
+    def try_native(self, task: TensorTask, base, models, ctx: TensorContext) -> tuple[object, int | None] | None:
+        """The method's fused kernel on the inputs as stored, in the output dtype (see ``merge``); None when the
+        method has none, the inputs do not suit it, or it declines this tensor."""
+        method, out_dtype = self.plan.method, DTYPES[task.spec.dtype]
+        if method.native is None or not self.native_ready(task, base, models, out_dtype):
+            return None
+        return method.native(base, models, task.params, ctx, out_dtype)
 
     def finish_tensor(self, task: TensorTask, result: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
         out = result.to(DTYPES[task.spec.dtype])

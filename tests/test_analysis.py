@@ -394,10 +394,17 @@ def test_fused_kernel_and_torch_give_the_same_statistics(tmp_path, monkeypatch, 
 
     base, tunes = sparse_family(tmp_path / "m", n_models=n_models)
     config = parse_config(config_for(method, base, tunes))
+    from merging.native import ops
+
     monkeypatch.setattr(engine, "BAND_ELEMENTS", 200)
+    row_sums, calls = ops.row_sums, []
+    monkeypatch.setattr(ops, "row_sums", lambda *a, **k: calls.append(1) or row_sums(*a, **k))
     fused = analyze(config, exact=True)
+    assert calls, "the fused per-row sums never ran"
+    calls.clear()
     monkeypatch.setenv("MERGESCOPE_NATIVE", "0")
     plain = analyze(config, exact=True)
+    assert not calls
 
     def numbers(node):
         if isinstance(node, dict):

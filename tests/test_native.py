@@ -45,11 +45,22 @@ def family(tmp_path_factory):
     return folders
 
 
+KERNELS = ("weighted_sum", "task_vectors", "emr")
+
+
 def _merge_both(text: str, out: Path, monkeypatch) -> tuple[dict, dict]:
+    """Merge with the kernels, counting their calls (they must have run), then with torch only."""
+    calls = []
+    for name in KERNELS:
+        kernel = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _kernel=kernel, _name=name, **k: calls.append(_name) or _kernel(*a, **k))
     monkeypatch.delenv("MERGESCOPE_NATIVE", raising=False)
     run_merge(parse_config(text), out / "native")
+    assert calls, "the fused kernels never ran"
+    calls.clear()
     monkeypatch.setenv("MERGESCOPE_NATIVE", "0")
     run_merge(parse_config(text), out / "torch")
+    assert not calls, "MERGESCOPE_NATIVE=0 still ran a kernel"
     monkeypatch.delenv("MERGESCOPE_NATIVE")
     return load_folder(out / "native"), load_folder(out / "torch")
 

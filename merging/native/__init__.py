@@ -167,9 +167,9 @@ def ranges(n: int, align: int = SUM_BLOCK, parts: int | None = None) -> list[tup
     return [(lo, min(lo + step, n)) for lo in range(0, n, step)] or [(0, 0)]
 
 
-def run_ranges(call: Callable[[int, int], object], n: int, align: int = SUM_BLOCK, parallel: bool = True) -> list:
+def run_ranges(call: Callable[[int, int], object], n: int, align: int = SUM_BLOCK) -> list:
     """``call(lo, hi)`` over ``ranges(n, align)`` on the kernel threads (ctypes releases the GIL); results in order."""
-    spans = ranges(n, align) if parallel else [(0, n)]
+    spans = ranges(n, align)
     if len(spans) == 1:
         return [call(*spans[0])]
     futures = [_executor().submit(call, lo, hi) for lo, hi in spans]
