@@ -29,34 +29,14 @@ DTYPE_CHOICES = ["as the base", "float32", "float16", "bfloat16"]
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
             "seed", "allow_vocab_mismatch")
 
-# The papers' recommended settings; a preset lists only parameters the method has.
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "linear": {"uniform soup (Wortsman et al.)": {"weight": 1.0, "normalize": True}},
-    "task_arithmetic": {"vision, 8 tasks: λ = 0.3 (Ilharco et al.)": {"weight": 1.0, "lambda": 0.3},
-                        "two tasks: λ = 0.8 (Ilharco et al.)": {"weight": 1.0, "lambda": 0.8}},
-    "ties": {"paper: top 20 %, λ = 1 (Yadav et al.)": {"density": 0.2, "lambda": 1.0, "normalize": True}},
-    "dare_ties": {"DARE: drop 90 % (Yu et al.)": {"density": 0.1},
-                  "DARE, several models: drop 50 %": {"density": 0.5}},
-    "dare_linear": {"DARE: drop 90 % (Yu et al.)": {"density": 0.1},
-                    "DARE, several models: drop 50 %": {"density": 0.5}},
-    "breadcrumbs": {"paper: drop top 1 %, keep 90 % (Davari & Belilovsky)": {"density": 0.9, "gamma": 0.01}},
-    "breadcrumbs_ties": {"paper: drop top 1 %, keep 90 % (Davari & Belilovsky)": {"density": 0.9, "gamma": 0.01}},
-    "della": {"paper: density 0.7, ε 0.15 (Deep et al.)": {"density": 0.7, "epsilon": 0.15}},
-    "della_linear": {"paper: density 0.7, ε 0.15 (Deep et al.)": {"density": 0.7, "epsilon": 0.15}},
-    "slerp": {"halfway: t = 0.5": {"t": 0.5}},
-    "emr": {"vision: classification heads kept per task (Huang et al.)": {"skip": "head."}},
-    "emr_rescale": {"vision: classification heads kept per task (Huang et al.)": {"skip": "head."}},
-}
 DEFAULTS_PRESET = "schema defaults"
 
 
 def presets_for(method: MergeMethod) -> dict[str, dict[str, Any]]:
     names = {p.name for p in method.params}
     out = {DEFAULTS_PRESET: {p.name: p.default for p in method.params if p.name not in NAN_PARAMS}}
-    for label, values in PRESETS.get(method.name, {}).items():
-        kept = {k: v for k, v in values.items() if k in names}
-        if kept:
-            out[label] = kept
+    for preset in method.presets:
+        out[f"{preset.name}: {preset.label}"] = {k: v for k, v in preset.values.items() if k in names}
     return out
 
 

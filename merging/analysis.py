@@ -57,13 +57,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .coefficients import nan_coefficients
+from .methods.coefficients import nan_coefficients
 from .config import MergeConfig
 from . import native
-from .engine import Executor, _reuse_freed_memory, pick_device
+from .engine import Executor, pick_device
+from .memory import reuse_freed_memory
 from .errors import ConfigError
 from .methods.emr import elect, emr_outputs, is_skipped, tau_uni_name
-from .methods.registry import MergeMethod, TensorContext, stable_seed
+from .methods.registry import MergeMethod, TensorContext
+from .native.rng import stable_seed
 from .safetensors_io import DTYPES
 from .methods.selection import Cut, topk_passes
 from .native import ops
@@ -676,7 +678,7 @@ def analyze(config: MergeConfig, *, exact: bool = False, sample: float | None = 
     if sample is not None and not 0 < sample <= 1:
         raise ConfigError(f"analysis: the sample fraction must be in (0, 1], got {sample}")
     started = time.monotonic()
-    _reuse_freed_memory()  # as a merge does: keep freed chunk buffers instead of re-mapping them every tensor
+    reuse_freed_memory()  # as a merge does: keep freed chunk buffers instead of re-mapping them every tensor
     sources = open_sources(config.model_refs(), config.base_model, allow_pickle=allow_pickle, resolver=resolver)
     try:
         return _analyze(config, sources, started, exact, sample, seed, device, progress, cancel,

@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .methods.registry import MergeMethod, get_method
+from .params import check_params, probe_points, resolve
 
 DTYPE_ALIASES = {
     "float32": "float32", "fp32": "float32", "f32": "float32",
@@ -147,9 +149,6 @@ def config_from_dict(data: dict, *, source: str = "config") -> MergeConfig:
         config = MergeConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_one_line(f"{source}: {_first_error(exc)}")) from None
-    # Imported here: the method registry imports this module.
-    from .params import validate_config
-
     try:
         validate_config(config, source=source)
     except ConfigError as exc:
@@ -186,3 +185,49 @@ def _first_error(exc: ValidationError) -> str:
 
 def is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_config(config: MergeConfig, *, source: str = "config") -> None:
+    """Check the method, its inputs, every parameter value and the method's cross-parameter rules, once, before
+    anything is read."""
+    method = get_method(config.merge_method, source)
+    if method.base == "required" and not config.base_model:
+        raise ConfigError(f"{source}: merge_method {method.name!r} needs a `base_model`")
+    if config.slices and method.name != "passthrough":
+        counts = {len(s.sources) for s in config.slices}
+    else:
+        counts = {len(input_entries(config, method))}
+    for n in counts:
+        _check_model_count(method, n, source)
+    check_params(method, config.parameters, f"{source}: parameters")
+    for i, entry in enumerate(config.models):
+        check_params(method, entry.parameters, f"{source}: models[{i}] ({entry.model}) parameters",
+                     global_allowed=False)
+    for si, sl in enumerate(config.slices or []):
+        for j, src in enumerate(sl.sources):
+            check_params(method, src.parameters, f"{source}: slices[{si}].sources[{j}] parameters",
+                         global_allowed=False)
+    if method.validate is not None:
+        groups = [[s.parameters for s in sl.sources] for sl in config.slices] if config.slices else \
+            [[e.parameters for e in input_entries(config, method)]]
+        for model_params in groups:
+            for name, t in probe_points(config.parameters, model_params):
+                method.validate(resolve(method, config.parameters, model_params, name, t), f"{source}: parameters")
+
+
+def _check_model_count(method: MergeMethod, n: int, source: str) -> None:
+    if n >= method.min_models and (method.max_models is None or n <= method.max_models):
+        return
+    want = (f"exactly {method.min_models}" if method.min_models == method.max_models
+            else f"at least {method.min_models}" + (f" and at most {method.max_models}" if method.max_models else ""))
+    last = method.max_models if method.max_models is not None else method.min_models  # the number shown last
+    plural = "" if last == 1 else "s"
+    what = f"model{plural} besides the base" if method.base == "required" else f"model{plural}"
+    raise ConfigError(f"{source}: merge_method {method.name!r} takes {want} {what}, got {n}")
+
+
+def input_entries(config: MergeConfig, method: MergeMethod) -> list[ModelEntry]:
+    """The models a method combines: for methods built on a base, every model except the base itself."""
+    if method.base == "required":
+        return [m for m in config.models if m.model != config.base_model]
+    return list(config.models)

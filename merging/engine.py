@@ -9,7 +9,6 @@ copies of one tensor; no shard is ever buffered. Methods with a reduction get a 
 from __future__ import annotations
 
 import gc
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,15 +18,17 @@ from typing import Callable
 import torch
 
 from . import native
+from .bands import HOLD_BYTES, Band, is_elementwise, row_bands
 from .config import MergeConfig
 from .errors import Cancelled, MergeError
+from .memory import RetainedMemory, reuse_freed_memory
 from .methods.registry import REDUCED, TensorContext
 from .plan import MergePlan, TensorTask, build_plan
 from .resources import check_resources, uses_kernels
 from .safetensors_io import DTYPES
 from .sources import CheckpointSource, open_sources
 from .sources.base import TensorSpec
-from .writer import OutputFolder, ShardedWriter, model_card, parse_size
+from .writer import OutputFolder, ShardedWriter, parse_size, write_side_files
 
 
 @dataclass(frozen=True)
@@ -48,13 +49,6 @@ class Progress:
         return self.elapsed_s * (1 - self.fraction) / self.fraction if self.fraction > 0 else None
 
 
-# Element-wise methods and copies run in row bands of about this many elements (16 MB of float32 per input).
-BAND_ELEMENTS = 1 << 22
-
-# A tensor whose stored inputs total at most this stays in memory from its first statistics pass to its merge
-# pass (TIES reads it once instead of three times); larger ones are read again, from the page cache.
-HOLD_BYTES = 256 << 20
-
 ProgressFn = Callable[[Progress], None]
 CancelFn = Callable[[], bool]
 
@@ -68,57 +62,6 @@ class MergeResult:
     seconds: float
     device: str
     notes: list[str]
-
-
-def _reuse_freed_memory() -> None:
-    """Ask glibc to keep freed band buffers for reuse instead of unmapping them.
-
-    Every band allocates a few float32 buffers of ~16 MB; by default glibc maps and unmaps each one, and the
-    page faults of re-mapping cost more CPU time than the merge arithmetic itself.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD: serve blocks below 32 MB (a band is 16 MB) from the heap
-        libc.mallopt(-1, 1 << 26)  # M_TRIM_THRESHOLD: keep up to 64 MB of freed heap for reuse
-        libc.mallopt(-8, 2)  # M_ARENA_MAX: the reader, writer and compute threads share two heaps, not one each
-    except (OSError, AttributeError):
-        pass  # not glibc: the merge is only slower
-
-
-class RetainedMemory:
-    """Hands freed heap memory back to the system when the resident set outgrows the working set by ``slack``.
-
-    Band buffers are allocated by the prefetch thread and freed by the compute thread; glibc keeps such chunks
-    in the prefetch thread's arena and, with small long-lived allocations between them, reuses them poorly: over
-    one 65M-element tensor the resident set grew by 0.4 GB of free memory. ``malloc_trim`` returns it (about
-    2 ms); checking the resident set costs a read of /proc/self/statm, so this runs once per band.
-    """
-
-    def __init__(self, slack: int = 512 << 20) -> None:
-        self.slack = slack
-        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        try:
-            import ctypes
-
-            self.trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            self.trim = None  # not glibc: nothing to do
-        self.limit = self.resident() + slack if self.trim else 0
-
-    def resident(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self.page
-        except (OSError, ValueError, IndexError):
-            return 0
-
-    def check(self) -> None:
-        if self.trim is None or self.resident() <= self.limit:
-            return
-        self.trim(0)
-        self.limit = self.resident() + self.slack
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -144,20 +87,11 @@ class Executor:
         self.memory = RetainedMemory()
         self._held: dict[tuple, tuple] = {}  # (tensor, band) -> inputs kept between a tensor's passes
 
-    def bands(self, task: TensorTask, elementwise: bool) -> list[tuple[int, int] | None]:
-        """Row bands of about BAND_ELEMENTS for element-wise methods and copies; [None] means the whole tensor."""
-        shape = task.spec.shape
-        banded = (task.copy or elementwise) and task.shared_rows is None and len(shape) >= 1
-        row = task.spec.numel // shape[0] if shape and shape[0] else 0
-        if not banded or task.spec.numel <= BAND_ELEMENTS or row == 0:
-            return [None]
-        # A multiple of 8 rows, so every band but the last starts and ends on a whole byte of a 1-bit packed output.
-        step = max(8, BAND_ELEMENTS // row // 8 * 8)
-        return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+    def bands(self, task: TensorTask, elementwise: bool) -> list[Band]:
+        return row_bands(task, elementwise)
 
     def is_elementwise(self) -> bool:
-        elementwise = self.plan.method.elementwise
-        return bool(elementwise(self.plan) if callable(elementwise) else elementwise)
+        return is_elementwise(self.plan)
 
     def tensor_stats(self, task: TensorTask, reduced: torch.Tensor | None, passes=None, params: dict | None = None,
                      first=None):
@@ -366,7 +300,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
               cancel: CancelFn | None = None, resolver=None) -> MergeResult:
     """Merge as ``config`` says into ``out_dir``; the folder appears only when everything succeeded."""
     started = time.monotonic()
-    _reuse_freed_memory()
+    reuse_freed_memory()
     # The merge loop allocates small objects by the thousand; without this, the collections they trigger rescan
     # every object torch and the app ever made (seconds over a merge). Objects alive now are long-lived anyway.
     gc.freeze()
@@ -411,7 +345,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
             finally:
                 writer.close()
             plan.report.notes.extend(f"{name}: {n} NaN/Inf values in the merged tensor" for name, n in nonfinite.items())
-            _write_side_files(tmp, plan, sources, totals if after_merge else reduced)
+            write_side_files(tmp, plan, sources, totals if after_merge else reduced)
             files = sorted(p.name for p in tmp.iterdir())
         return MergeResult(Path(out_dir).absolute(), files, len(plan.tasks), writer.total_size,
                            time.monotonic() - started, str(dev), plan.report.notes)
@@ -459,30 +393,6 @@ def _planned_outputs(plan: MergePlan):
         else:
             outputs.append((task.name, task.spec))
     return outputs
-
-
-def _write_side_files(folder: Path, plan: MergePlan, sources: dict[str, CheckpointSource], reduced) -> None:
-    import json
-
-    ref = sources[plan.reference]
-    for name in ref.file_names():
-        if name == "config.json" and plan.out_config is not None:
-            continue
-        data = ref.read_file(name)
-        if data is not None:
-            (folder / name).write_bytes(data)
-    if plan.out_config is not None:
-        out_cfg = dict(plan.out_config)
-        if plan.config.output_dtype:
-            out_cfg["torch_dtype"] = plan.config.out_dtype or plan.config.dtype
-        (folder / "config.json").write_text(json.dumps(out_cfg, indent=2) + "\n")
-    config_yaml = plan.config.to_yaml()
-    (folder / "merge_config.yml").write_text(config_yaml)
-    if plan.method.finalize is not None:
-        for name, data in plan.method.finalize(plan, reduced).items():
-            (folder / name).write_bytes(data)
-    (folder / "README.md").write_text(model_card(config_yaml, plan.method.name, plan.method.summary, plan.method.paper,
-                                                 plan.config.model_refs(), plan.report.notes))
 
 
 def plan_merge(config: MergeConfig, *, allow_pickle: bool = False, resolver=None) -> MergePlan:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .config import MergeConfig
 from .errors import ConfigError
-from .methods.registry import MergeMethod, Param, get_method
+from .methods.registry import MergeMethod, Param
 
 
 def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
@@ -62,42 +61,9 @@ def _lookup(p: Param, scopes: tuple[Mapping[str, Any], ...], tensor_name: str, t
     return p.default
 
 
-def validate_config(config: MergeConfig, *, source: str = "config") -> None:
-    """Check the method, its inputs and every parameter value once, before anything is read."""
-    method = get_method(config.merge_method, source)
-    if method.base == "required" and not config.base_model:
-        raise ConfigError(f"{source}: merge_method {method.name!r} needs a `base_model`")
-    if config.slices and method.name != "passthrough":
-        counts = {len(s.sources) for s in config.slices}
-    else:
-        counts = {len(input_entries(config, method))}
-    for n in counts:
-        if n < method.min_models or (method.max_models is not None and n > method.max_models):
-            want = (f"exactly {method.min_models}" if method.min_models == method.max_models
-                    else f"at least {method.min_models}" + (f" and at most {method.max_models}" if method.max_models else ""))
-            last = method.max_models if method.max_models is not None else method.min_models  # the number shown last
-            plural = "" if last == 1 else "s"
-            what = f"model{plural} besides the base" if method.base == "required" else f"model{plural}"
-            raise ConfigError(f"{source}: merge_method {method.name!r} takes {want} {what}, got {n}")
-    _check_params(method, config.parameters, f"{source}: parameters", per_model_allowed=True)
-    for i, entry in enumerate(config.models):
-        _check_params(method, entry.parameters, f"{source}: models[{i}] ({entry.model}) parameters", per_model_allowed=True,
-                      global_allowed=False)
-    for si, sl in enumerate(config.slices or []):
-        for j, src in enumerate(sl.sources):
-            _check_params(method, src.parameters, f"{source}: slices[{si}].sources[{j}] parameters", per_model_allowed=True,
-                          global_allowed=False)
-
-
-def input_entries(config: MergeConfig, method: MergeMethod):
-    """The models a method combines: for methods built on a base, every model except the base itself."""
-    if method.base == "required":
-        return [m for m in config.models if m.model != config.base_model]
-    return list(config.models)
-
-
-def _check_params(method: MergeMethod, params: Mapping[str, Any], where: str, *, per_model_allowed: bool,
-                  global_allowed: bool = True) -> None:
+def check_params(method: MergeMethod, params: Mapping[str, Any], where: str, *,
+                 global_allowed: bool = True) -> None:
+    """Every setting in ``params`` names a parameter of ``method`` and each of its values is in range."""
     known = {p.name: p for p in method.params}
     for name, setting in params.items():
         p = known.get(name)
@@ -132,3 +98,32 @@ def _scalars(setting: Any, where: str):
                 yield entry
     else:
         yield setting
+
+
+def probe_points(global_params: Mapping[str, Any], model_params: list[Mapping[str, Any]]) -> list[tuple[str, float]]:
+    """(tensor name, depth) pairs at which every combination of values the settings can take is reached.
+
+    Anchor lists are piecewise linear in the depth t, so a rule that is linear in the values holds everywhere once
+    it holds at every anchor of every list; filter lists pick their value by name, so each filter's own pattern
+    (and a name no filter matches) stands for the tensors it selects. Config validation checks a method's
+    cross-parameter rules at these points before any tensor is known; the plan checks them again per tensor.
+    """
+    depths, names = {0.0, 1.0}, {""}
+    for scope in (global_params, *model_params):
+        for setting in scope.values():
+            _collect_probes(setting, depths, names)
+    return [(name, t) for name in sorted(names) for t in sorted(depths)]
+
+
+def _collect_probes(setting: Any, depths: set[float], names: set[str]) -> None:
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list) or not setting:
+        return
+    if all(isinstance(e, dict) for e in setting):
+        for entry in setting:
+            if isinstance(entry.get("filter"), str) and entry["filter"] != "*":
+                names.add(entry["filter"])
+            _collect_probes(entry.get("value"), depths, names)
+    elif len(setting) > 1:
+        depths.update(i / (len(setting) - 1) for i in range(len(setting)))

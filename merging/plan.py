@@ -10,10 +10,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import MergeConfig
+from .config import MergeConfig, input_entries
 from .errors import CompatibilityError, ConfigError
 from .methods.registry import MergeMethod, get_method
-from .params import input_entries, resolve
+from .params import resolve
 from .sources import CheckpointSource, TensorSpec, read_json_file
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
@@ -131,6 +131,7 @@ def build_plan(config: MergeConfig, sources: dict[str, CheckpointSource]) -> Mer
         tasks.append(task)
     for model, specs in input_specs.items():
         report.extra += [f"{name} (in {model})" for name in specs if name not in ref_specs]
+    _validate_tasks(method, tasks)
     return MergePlan(config, method, reference, tasks, report, num_layers, ref_cfg)
 
 
@@ -190,7 +191,21 @@ def _plan_slices(config: MergeConfig, method: MergeMethod, sources: dict[str, Ch
         for key in _LAYER_COUNT_KEYS:
             if key in out_cfg:
                 out_cfg[key] = out_layer
+    _validate_tasks(method, tasks)
     return MergePlan(config, method, reference, tasks, report, out_layer, out_cfg)
+
+
+def _validate_tasks(method: MergeMethod, tasks: list[TensorTask]) -> None:
+    """The method's cross-parameter rules on each tensor's resolved values, before any tensor is read (the config's
+    validation checked them at probe points; per-layer lists and filters are exact only here)."""
+    if method.validate is None:
+        return
+    checked: set[str] = set()
+    for task in tasks:
+        key = repr(sorted(task.params.items()))
+        if not task.copy and key not in checked:
+            checked.add(key)
+            method.validate(task.params, task.name)
 
 
 def _check_input(task: TensorTask, ref: TensorSpec, spec: TensorSpec | None, model: str, config: MergeConfig,

@@ -2,10 +2,10 @@
 
 Without it a merge that is too big for the machine is killed by the OOM killer midway (no message, on a Space
 a restarted container) or fails when the disk fills. The estimates come from the plan alone (shapes and dtypes,
-no weights read), following how the engine runs (merging/engine.py):
+no weights read), following how the engine runs (merging/engine.py, merging/bands.py):
 
-    unit      = the rows processed at once: a band of about BAND_ELEMENTS elements for element-wise methods and
-                copies (at least one row), the whole tensor otherwise (and for vocabulary-mismatch tensors)
+    unit      = the rows processed at once: the largest of ``bands.row_bands`` for element-wise methods and
+                copies (about BAND_ELEMENTS elements, at least 8 rows), the whole tensor otherwise (and for vocabulary-mismatch tensors)
     memory    ≈ PROCESS_OVERHEAD + max over tasks of
                   unit · ( 2 · stored bytes per element · inputs        (the current unit and the prefetched one)
                          + 3 · output bytes per element                 (writes in flight)
@@ -41,7 +41,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import native
+from .bands import HOLD_BYTES, is_elementwise, unit_elements
 from .errors import MergeError
+from .safetensors_io import dtype_size
+from .writer import parse_size
 
 # float32 buffers per input, by method (measured, see below): plain weighted sums need the input's converted copy
 # and one temporary; sparsifying methods also hold task vectors, magnitudes, masks and trimmed copies per model.
@@ -54,7 +58,7 @@ FIXED_BUFFERS = 6  # float32 buffers independent of the inputs: result, sums, si
 # the statistics passes still convert their strided samples and the count pass collects its candidates.
 FUSED_BUFFERS = 2
 # Thread pools and torch's first-use buffers (~64 MB), plus the freed heap glibc may keep for reuse: up to 64 MB in
-# each of the engine's two malloc arenas (merging.engine._reuse_freed_memory).
+# each of the engine's two malloc arenas (merging.memory.reuse_freed_memory).
 PROCESS_OVERHEAD = (64 + 2 * 64) * 1024 * 1024
 SIDE_FILE_MARGIN = 4 * 1024 * 1024  # config.json, tokenizer files, README.md, merge_config.yml, index
 MEMORY_ENV = "MERGESCOPE_MEMORY_LIMIT"
@@ -88,13 +92,10 @@ def estimate_resources(plan, sources: dict | None = None, fused: bool | None = N
     """
     if fused is None:
         fused = uses_kernels(plan.method)
-    from .engine import BAND_ELEMENTS, HOLD_BYTES
-    from .safetensors_io import dtype_size
-
     specs = {ref: src.specs() for ref, src in (sources or {}).items()}
 
     method = plan.method
-    elementwise = method.elementwise(plan) if callable(method.elementwise) else bool(method.elementwise)
+    elementwise = is_elementwise(plan)
     per_input = BUFFERS_PER_INPUT.get(method.name, SPARSIFY_BUFFERS)
     fixed = FIXED_BUFFERS
     if fused:
@@ -103,10 +104,7 @@ def estimate_resources(plan, sources: dict | None = None, fused: bool | None = N
     for task in plan.tasks:
         spec = task.spec
         numel = spec.numel
-        rows = spec.shape[0] if spec.shape else 1
-        row = numel // rows if rows else 0
-        banded = (task.copy or elementwise) and task.shared_rows is None and len(spec.shape) >= 1
-        unit = max(1, BAND_ELEMENTS // row) * row if banded and numel > BAND_ELEMENTS and row else numel
+        unit = unit_elements(task, elementwise)
         refs = ([task.base] if task.base else []) + list(task.inputs)
         need = 2 * sum(unit * _stored_itemsize(specs, r) for r in refs) + 3 * unit * dtype_size(spec.dtype)
         if not task.copy:
@@ -125,8 +123,6 @@ def estimate_resources(plan, sources: dict | None = None, fused: bool | None = N
 
 def uses_kernels(method, device: str = "cpu") -> bool:
     """Whether ``method`` runs in the fused CPU kernels on ``device`` (they exist and build on this machine)."""
-    from . import native
-
     return device == "cpu" and method.native is not None and native.library() is not None
 
 
@@ -231,8 +227,6 @@ def _env_bytes(name: str) -> int | None:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return None
-    from .writer import parse_size
-
     try:
         value = int(raw) if raw.isdigit() else parse_size(raw)
     except MergeError:

@@ -210,6 +210,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def write_side_files(folder: Path, plan, sources: dict, reduced) -> None:
+    """Everything beside the tensors: the reference's side files (tokenizer, generation config), config.json as
+    the plan changed it, merge_config.yml, the method's own files and the model card."""
+    ref = sources[plan.reference]
+    for name in ref.file_names():
+        if name == "config.json" and plan.out_config is not None:
+            continue
+        data = ref.read_file(name)
+        if data is not None:
+            (folder / name).write_bytes(data)
+    if plan.out_config is not None:
+        out_cfg = dict(plan.out_config)
+        if plan.config.output_dtype:
+            out_cfg["torch_dtype"] = plan.config.out_dtype or plan.config.dtype
+        (folder / "config.json").write_text(json.dumps(out_cfg, indent=2) + "\n")
+    config_yaml = plan.config.to_yaml()
+    (folder / "merge_config.yml").write_text(config_yaml)
+    if plan.method.finalize is not None:
+        for name, data in plan.method.finalize(plan, reduced).items():
+            (folder / name).write_bytes(data)
+    (folder / "README.md").write_text(model_card(config_yaml, plan.method.name, plan.method.summary, plan.method.paper,
+                                                 plan.config.model_refs(), plan.report.notes))
+
+
+
 def model_card(config_yaml: str, method_name: str, method_summary: str, paper: str, inputs: list[str],
                notes: list[str]) -> str:
     """A README.md for the Hub: front matter listing every input as base_model, then what was done."""

@@ -139,14 +139,14 @@ def _rate_list(rates: list[dict]) -> list[float]:
 def test_every_statistic_matches_a_direct_numpy_computation(tmp_path, monkeypatch, method, band_elements):
     """Whole tensors, and row bands of a few rows (as large tensors go: the trim's and TIES' exact top-k cuts
     come from statistics passes, ties at the threshold cut mid-tensor)."""
-    import merging.engine as engine
+    import merging.bands as bands
 
     base, tunes = sparse_family(tmp_path / "m")
     model_params = {"weight": 1.0, "density": 0.3} if method == "ties" else {"weight": 1.0}
     text = config_for(method, base, tunes, model_params=model_params)
     config = parse_config(text)
     if band_elements:
-        monkeypatch.setattr(engine, "BAND_ELEMENTS", band_elements)
+        monkeypatch.setattr(bands, "BAND_ELEMENTS", band_elements)
     stats = analyze(config, exact=True)
     if band_elements:
         monkeypatch.undo()
@@ -390,13 +390,13 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
 def test_fused_kernel_and_torch_give_the_same_statistics(tmp_path, monkeypatch, n_models, method):
     """The per-row sums of merging/native against the torch code they replace (MERGESCOPE_NATIVE=0), band by
     band; only the order of float32 sums differs."""
-    import merging.engine as engine
+    import merging.bands as bands
 
     base, tunes = sparse_family(tmp_path / "m", n_models=n_models)
     config = parse_config(config_for(method, base, tunes))
     from merging.native import ops
 
-    monkeypatch.setattr(engine, "BAND_ELEMENTS", 200)
+    monkeypatch.setattr(bands, "BAND_ELEMENTS", 200)
     row_sums, calls = ops.row_sums, []
     monkeypatch.setattr(ops, "row_sums", lambda *a, **k: calls.append(1) or row_sums(*a, **k))
     fused = analyze(config, exact=True)

@@ -352,7 +352,7 @@ def test_errors_are_merge_errors():
 def test_row_bands_give_the_same_bytes_as_whole_tensors(family_bf16, tmp_path, monkeypatch, method):
     import dataclasses
 
-    import merging.engine as engine
+    import merging.bands as bands
     from merging.methods import REGISTRY
 
     base, (a, b, _) = family_bf16
@@ -360,7 +360,7 @@ def test_row_bands_give_the_same_bytes_as_whole_tensors(family_bf16, tmp_path, m
     monkeypatch.setitem(REGISTRY, method, dataclasses.replace(REGISTRY[method], elementwise=False))
     run_merge(parse_config(text), tmp_path / "whole")
     monkeypatch.setitem(REGISTRY, method, dataclasses.replace(REGISTRY[method], elementwise=True))
-    monkeypatch.setattr(engine, "BAND_ELEMENTS", 100)  # 64×16 embeddings → bands of 6 rows, the last one short
+    monkeypatch.setattr(bands, "BAND_ELEMENTS", 100)  # 64×16 embeddings → bands of 6 rows, the last one short
     seen = []
     run_merge(parse_config(text), tmp_path / "banded", progress=seen.append)
     whole, banded = load_folder(tmp_path / "whole"), load_folder(tmp_path / "banded")
@@ -381,13 +381,13 @@ def test_row_bands_give_the_same_bytes_as_whole_tensors(family_bf16, tmp_path, m
 def test_banded_stats_passes_match_whole_tensor_merges(family_bf16, tmp_path, monkeypatch, method, params, exact):
     """Top-k cuts, L1 rescale and NAN norms gathered band by band give the whole-tensor result (bf16 inputs have
     many ties at the top-k threshold: the kept count must still be exact)."""
-    import merging.engine as engine
+    import merging.bands as bands
 
     base, (a, b, c) = family_bf16
     text = (f"merge_method: {method}\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}, {{model: {c}}}]\n"
             f"parameters: {params}\n")
     run_merge(parse_config(text), tmp_path / "whole")
-    monkeypatch.setattr(engine, "BAND_ELEMENTS", 100)
+    monkeypatch.setattr(bands, "BAND_ELEMENTS", 100)
     run_merge(parse_config(text), tmp_path / "banded")
     whole, banded = load_folder(tmp_path / "whole"), load_folder(tmp_path / "banded")
     for k in whole:
@@ -398,9 +398,9 @@ def test_banded_stats_passes_match_whole_tensor_merges(family_bf16, tmp_path, mo
 
 
 def test_banded_random_methods_are_deterministic_and_keep_the_density(family, tmp_path, monkeypatch):
-    import merging.engine as engine
+    import merging.bands as bands
 
-    monkeypatch.setattr(engine, "BAND_ELEMENTS", 100)
+    monkeypatch.setattr(bands, "BAND_ELEMENTS", 100)
     base, (a, b, _) = family
     text = (f"merge_method: dare_linear\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
             "parameters: {density: 0.3, rescale: false}\nseed: 7\n")
@@ -416,13 +416,13 @@ def test_banded_random_methods_are_deterministic_and_keep_the_density(family, tm
 @pytest.mark.parametrize("rescaler", ["model", "tensor_mean"])
 def test_banded_emr_writes_the_same_masks_and_rescalers(family_bf16, tmp_path, monkeypatch, rescaler):
     """EMR runs band by band: τ_uni bands, 1-bit masks written from whole bytes, rescaler sums added up."""
-    import merging.engine as engine
+    import merging.bands as bands
 
     base, (a, b, c) = family_bf16
     text = (f"merge_method: emr\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}, {{model: {c}}}]\n"
             f"parameters: {{rescaler: {rescaler}}}\n")
     run_merge(parse_config(text), tmp_path / "whole")
-    monkeypatch.setattr(engine, "BAND_ELEMENTS", 100)  # 64×16 tensors → bands of 8 rows = 128 elements = 16 bytes
+    monkeypatch.setattr(bands, "BAND_ELEMENTS", 100)  # 64×16 tensors → bands of 8 rows = 128 elements = 16 bytes
     run_merge(parse_config(text), tmp_path / "banded")
     whole, banded = load_folder(tmp_path / "whole"), load_folder(tmp_path / "banded")
     assert whole.keys() == banded.keys()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from checkpoints import llama_config, llama_tensors, load_folder, save_checkpoint
-from merging.coefficients import nan_coefficients
+from merging.methods.coefficients import nan_coefficients
 from merging.config import config_from_dict
 from merging.engine import run_merge
 from merging.errors import ConfigError

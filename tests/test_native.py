@@ -84,11 +84,11 @@ CASES = [
 @pytest.mark.parametrize("band_elements", [None, 100])
 @pytest.mark.parametrize("method, params", CASES)
 def test_kernels_give_the_torch_bytes(family, tmp_path, monkeypatch, method, params, band_elements):
-    import merging.engine as engine
+    import merging.bands as bands
 
     assert native.library() is not None, native.why_not()
     if band_elements:
-        monkeypatch.setattr(engine, "BAND_ELEMENTS", band_elements)  # bands of a few rows, ties cut mid-tensor
+        monkeypatch.setattr(bands, "BAND_ELEMENTS", band_elements)  # bands of a few rows, ties cut mid-tensor
     base, *tunes = family
     weights = (1.0, 0.5, 0.8)
     models = ", ".join(f"{{model: {t}, parameters: {{weight: {w}}}}}" for t, w in zip(tunes, weights))

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from merging.methods.docs import methods_table_markdown
+from merging.methods.docs import UPDATE_COMMAND, methods_table_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -12,8 +12,9 @@ def test_methods_section_is_the_registry_table():
     start = README.index("<!-- methods-table:start -->") + len("<!-- methods-table:start -->")
     section = README[start:README.index("<!-- methods-table:end -->")]
     methods, params = methods_table_markdown().strip().split("\n\n", 1)
-    assert methods in section
-    assert params in section
+    hint = f"the README's methods table is not the registry's: run `{UPDATE_COMMAND}`"
+    assert methods in section, hint
+    assert params in section, hint
 
 
 def test_the_two_commands_are_the_ones_ci_and_users_run():

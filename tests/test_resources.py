@@ -14,7 +14,8 @@ import yaml
 
 from checkpoints import fine_tune, save_checkpoint, write_family
 from merging.config import parse_config
-from merging.engine import BAND_ELEMENTS, run_merge
+from merging.bands import BAND_ELEMENTS
+from merging.engine import run_merge
 from merging.errors import MergeError
 from merging.plan import build_plan
 from merging.resources import (FIXED_BUFFERS, FUSED_BUFFERS, PROCESS_OVERHEAD, check_resources, estimate_resources,
@@ -92,8 +93,9 @@ def test_measured_free_memory_and_disk_are_sane(tmp_path, monkeypatch):
 
 
 def test_bands_bound_element_wise_merges_and_whole_tensors_the_others(tmp_path):
-    """A 2-row tensor too big for one band costs whole rows; slerp (not element-wise) costs whole tensors."""
-    rows, cols = 4, BAND_ELEMENTS  # each row is one band
+    """A tensor too big for one band costs one band (8 rows at least, as the engine cuts them); slerp (not
+    element-wise) costs whole tensors."""
+    rows, cols = 16, BAND_ELEMENTS // 8  # two bands of 8 rows
     base = {"w": torch.zeros(rows, cols), "b": torch.zeros(8)}
     save_checkpoint(tmp_path / "base", base)
     tunes = [save_checkpoint(tmp_path / f"ft{k}", fine_tune(base, k)) for k in range(2)]
@@ -103,11 +105,12 @@ def test_bands_bound_element_wise_merges_and_whole_tensors_the_others(tmp_path):
     plan, sources = plan_of(config_for(tmp_path / "base", tunes, "slerp"))
     whole = estimate_resources(plan, sources)
     assert banded.largest_task == whole.largest_task == "w"
-    # task_arithmetic, 3 inputs, one row per band: 2 stored copies of each input, 3 outputs in flight, 2 float32
+    # task_arithmetic, 3 inputs, 8 rows per band: 2 stored copies of each input, 3 outputs in flight, 2 float32
     # buffers per input and 6 more
-    assert banded.memory == PROCESS_OVERHEAD + 4 * cols * (2 * 3 + 3 + 2 * 3 + FIXED_BUFFERS)
+    band = 8 * cols
+    assert banded.memory == PROCESS_OVERHEAD + 4 * band * (2 * 3 + 3 + 2 * 3 + FIXED_BUFFERS)
     # the fused kernels hold no float32 copy of an input: FUSED_BUFFERS in their place
-    assert fused.memory == PROCESS_OVERHEAD + 4 * cols * (2 * 3 + 3 + FUSED_BUFFERS)
+    assert fused.memory == PROCESS_OVERHEAD + 4 * band * (2 * 3 + 3 + FUSED_BUFFERS)
     # slerp, 2 inputs, not element-wise (no kernel): the same counts of whole tensors
     assert whole.memory == PROCESS_OVERHEAD + 4 * rows * cols * (2 * 2 + 3 + 2 * 2 + FIXED_BUFFERS)
     assert check_resources(plan, tmp_path / "out", sources) == whole  # fits on this machine

@@ -1,8 +1,25 @@
-"""Merge methods: importing this package registers every method."""
+"""Merge methods: every module of this package is imported here, and each registers its methods.
 
-from . import linear  # noqa: F401  (registers)
-from . import interpolation, passthrough, task_vectors  # noqa: F401  (register)
-from . import emr  # noqa: F401  (registers emr and emr_rescale; after the methods it can unify with)
-from .registry import REGISTRY, MergeMethod, Param, TensorContext, get_method, register
+A method added in a new file under ``merging/methods/`` (one function and one ``register(MergeMethod(...))``)
+therefore appears in ``python -m merging methods``, the CLI, the app's form and the generic tests; ``python -m
+merging methods --update-readme`` puts it in the README's table.
+"""
 
-__all__ = ["REGISTRY", "MergeMethod", "Param", "TensorContext", "get_method", "register"]
+import importlib
+import pkgutil
+
+from .registry import REGISTRY, MergeMethod, Param, Preset, StatsPass, TensorContext, get_method, register
+
+# Modules that register nothing themselves; importing them first keeps registration order independent of them.
+_HELPERS = ("registry", "coefficients", "selection", "docs")
+
+
+def _import_all() -> None:
+    for module in sorted(info.name for info in pkgutil.iter_modules(__path__)):
+        if module not in _HELPERS:
+            importlib.import_module(f"{__name__}.{module}")
+
+
+_import_all()
+
+__all__ = ["REGISTRY", "MergeMethod", "Param", "Preset", "StatsPass", "TensorContext", "get_method", "register"]

@@ -1,6 +1,7 @@
 """The README's table of methods, generated from the registry so that it cannot drift from the code.
 
-``python -c "from merging.methods.docs import methods_table_markdown; print(methods_table_markdown())"``
+``python -m merging methods --markdown`` prints it; ``python -m merging methods --update-readme`` rewrites the
+README's section between the ``methods-table`` markers with it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _allowed_text(p: Param) -> str:
     return p.range_text()
 
 
-def _inputs_text(m: MergeMethod) -> str:
+def inputs_text(m: MergeMethod) -> str:
     if m.min_models == 0:  # passthrough: one model, or the sources of `slices`
         count = f"{m.max_models or 'any'}, or `slices`"
     elif m.max_models == m.min_models:
@@ -56,10 +57,10 @@ def methods_table_markdown() -> str:
     Inputs: "base + N" means a base model plus N others; per-model parameters (marked "per model") may be set
     under each model's ``parameters`` as well as globally. Ranges are closed unless written with a parenthesis.
     """
-    methods = [REGISTRY[name] for name in REGISTRY]
+    methods = [REGISTRY[name] for name in sorted(REGISTRY)]
     lines = ["| method | what it does | models | random | paper |", "|---|---|---|---|---|"]
     for m in methods:
-        lines.append(f"| `{m.name}` | {_cell(m.summary)} | {_inputs_text(m)} | {'yes' if m.randomized else ''} "
+        lines.append(f"| `{m.name}` | {_cell(m.summary)} | {inputs_text(m)} | {'yes' if m.randomized else ''} "
                      f"| {_cell(m.paper)} |")
     lines += ["", "| method | parameter | default | allowed | scope | meaning |", "|---|---|---|---|---|---|"]
     for m in methods:
@@ -70,3 +71,24 @@ def methods_table_markdown() -> str:
             lines.append(f"| `{m.name}` | `{p.name}` | {_default_text(p)} | {_cell(_allowed_text(p))} | {scope} "
                          f"| {_cell(p.help)} |")
     return "\n".join(lines) + "\n"
+
+
+TABLE_START = "<!-- methods-table:start -->"
+TABLE_END = "<!-- methods-table:end -->"
+UPDATE_COMMAND = "python -m merging methods --update-readme"
+
+
+def readme_section(table: str) -> str:
+    """What goes between the README's markers: the methods table, and the parameters table folded away."""
+    methods, params = table.strip().split("\n\n", 1)
+    return (f"\n{methods}\n\n<details><summary>Every parameter: default, range, scope</summary>\n\n{params}\n\n"
+            "</details>\n")
+
+
+def with_methods_section(readme: str) -> str:
+    """``readme`` with the text between its methods-table markers replaced by the registry's tables."""
+    if TABLE_START not in readme or TABLE_END not in readme:
+        raise ValueError(f"the README has no {TABLE_START} ... {TABLE_END} section")
+    head, rest = readme.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    return head + TABLE_START + readme_section(methods_table_markdown()) + TABLE_END + tail

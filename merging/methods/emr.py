@@ -51,7 +51,7 @@ import torch
 from ..errors import ConfigError
 from ..native import ops
 from ..sources import TensorSpec
-from .registry import REDUCED, REGISTRY, MergeMethod, Param, TensorContext, register
+from .registry import REDUCED, REGISTRY, MergeMethod, Param, Preset, TensorContext, register
 
 PAPER = "Huang et al. 2024, EMR-Merging: Tuning-Free High-Performance Model Merging (NeurIPS, arXiv:2405.17461)"
 META_FILE = "emr.json"
@@ -349,6 +349,16 @@ RESCALER = Param("rescaler", str, "model", "λ_i's sums: over the whole `model` 
                  "means, `tensor_mean` (the official code)", choices=("model", "tensor_mean"))
 SKIP = Param("skip", list, (), "name substrings of tensors kept per task instead of merged (e.g. classification "
              "heads); restored by emr-extract")
+def _unified_of(result: dict, name: str) -> torch.Tensor | None:
+    """``unified`` hook: τ_uni from a merged tensor's outputs (None for a ``skip`` tensor, kept per task)."""
+    return result.get(tau_uni_name(name))
+
+
+def _skipped(name: str, params: dict) -> bool:
+    return is_skipped(name, params["skip"])
+
+
+VISION = Preset("paper", "vision: classification heads kept per task (Huang et al.)", {"skip": ["head."]})
 
 _emr_reduce, _emr_merge = _make_fns(_unified_by_election)
 _emr_reduce.__doc__ = "EMR's reduction: the shares of Σ|τ_i|, Σ|M_i ⊙ τ_uni| and Σ M_i of one tensor."
@@ -358,11 +368,11 @@ register(MergeMethod(
     name="emr", fn=_emr_merge,
     summary="elect one unified task vector, store a 1-bit mask and a rescaler per task; rebuild any task with "
             "emr-extract",
-    paper=PAPER, params=(RESCALER, SKIP), base="required", min_models=1,
+    paper=PAPER, params=(RESCALER, SKIP), presets=(VISION,), base="required", min_models=1,
     reduce=_emr_reduce, reduce_needed=check_plan, finalize=emr_finalize, outputs=emr_outputs,
     elementwise=True,  # τ_uni and the masks are per element; the rescaler sums add up over row bands
     reduce_after_merge=True,  # the rescalers only go to emr.json: gathered in the merge pass, no second read
-    native=_emr_native, native_reduce=_emr_native_reduce,
+    native=_emr_native, native_reduce=_emr_native_reduce, unified=_unified_of, skipped=_skipped,
 ))
 
 _rescale_reduce, _rescale_merge = _make_fns(_unified_by_method)
@@ -385,7 +395,7 @@ register(MergeMethod(
             Param("normalize", bool, True, "passed to `unify`: TIES' disjoint mean (for task arithmetic a constant "
                   "factor that the rescalers cancel)"),
             RESCALER, SKIP),
-    base="required", min_models=1, randomized=False,
+    presets=(VISION,), base="required", min_models=1, randomized=False,
     reduce=_rescale_reduce, reduce_needed=check_plan, finalize=emr_finalize, outputs=emr_outputs,
-    reduce_after_merge=True,
+    reduce_after_merge=True, unified=_unified_of, skipped=_skipped,
 ))

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from ..coefficients import ordered_sum
-from .registry import MergeMethod, Param, TensorContext, register
+from .coefficients import ordered_sum
+from .registry import MergeMethod, Param, Preset, TensorContext, register
 
 COLINEAR_DOT = 0.9995  # above this |cos| the arc is too flat for the spherical formula: interpolate linearly
 
@@ -110,6 +110,7 @@ register(MergeMethod(
     summary="spherical interpolation between the base (t = 0) and one other model (t = 1)",
     paper="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH)",
     params=(Param("t", float, 0.5, "position on the arc from the base (0) to the other model (1)", min=0.0, max=1.0),),
+    presets=(Preset("halfway", "halfway along the arc: t = 0.5", {"t": 0.5}),),
     base="required", min_models=1, max_models=1,
 ))
 

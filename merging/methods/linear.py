@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..coefficients import (
+from .coefficients import (
     COEFFICIENT_PARAMS,
     NAN_NORMS_PASS,
     model_weights,
@@ -13,7 +13,7 @@ from ..coefficients import (
     weights_known,
 )
 from ..native import ops
-from .registry import MergeMethod, Param, TensorContext, register
+from .registry import MergeMethod, Param, Preset, TensorContext, register
 
 WEIGHT = Param("weight", float, 1.0, "how much this model counts (negative values subtract it)", per_model=True)
 
@@ -84,6 +84,8 @@ register(MergeMethod(
     summary="weighted average of the models' weights (model soup)",
     paper="Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
     params=(WEIGHT, Param("normalize", bool, True, "divide by the sum of the weights"), *COEFFICIENT_PARAMS),
+    presets=(Preset("paper", "uniform soup: every weight 1, normalized (Wortsman et al.)",
+                    {"weight": 1.0, "normalize": True}),),
     base="optional", min_models=1, reduce=nan_reduce, reduce_needed=needs_model_norms,
     elementwise=True, stats=(NAN_NORMS_PASS,), native=linear_native,
 ))
@@ -95,6 +97,8 @@ register(MergeMethod(
     params=(WEIGHT, Param("lambda", float, 1.0, "scales the merged task vector"),
             Param("normalize", bool, False, "divide the sum of task vectors by the sum of the weights"),
             *COEFFICIENT_PARAMS),
+    presets=(Preset("paper", "vision, 8 tasks: λ = 0.3 (Ilharco et al.)", {"weight": 1.0, "lambda": 0.3}),
+             Preset("two_tasks", "two tasks: λ = 0.8 (Ilharco et al.)", {"weight": 1.0, "lambda": 0.8})),
     base="required", min_models=1, reduce=nan_reduce, reduce_needed=needs_model_norms,
     elementwise=True, stats=(NAN_NORMS_PASS,), native=task_arithmetic_native,
 ))

@@ -7,12 +7,13 @@ README's table of methods. Adding a method is one function and one ``@register``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
 from ..errors import ConfigError
+from ..native.rng import stable_seed
 
 
 @dataclass(frozen=True)
@@ -84,13 +85,6 @@ class TensorContext:
         return gen
 
 
-def stable_seed(seed: int, name: str) -> int:
-    import hashlib
-
-    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 @dataclass(frozen=True)
 class StatsPass:
     """A pass over one tensor's row bands that gathers what a method needs before merging it band by band.
@@ -126,43 +120,76 @@ class ReduceFn(Protocol):
 
 
 @dataclass(frozen=True)
+class Preset:
+    """A named parameter set a method recommends (``paper``: its paper's settings), shown in the app's form."""
+
+    name: str
+    label: str  # one line for the form: the settings and where they come from
+    values: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class MergeMethod:
-    """A registered method. ``fn`` gets float32 tensors and resolved parameters (per-model ones as lists)."""
+    """A merge method: a pure function over tensors, its parameter schema, and what the engine must do for it.
+
+    Everything but ``fn`` is optional. Read top to bottom, the hooks say:
+
+    What it is (the CLI's ``methods`` list, the README table, the app's form):
+        ``name``, ``summary`` (one line), ``paper`` (authors, year, title, arXiv id), ``params`` (the schema:
+        config validation and the form come from it), ``presets`` (named parameter sets; "paper" for the paper's
+        settings), ``randomized`` (draws from the seeded generators).
+    What it takes:
+        ``base`` ("required", "optional" or "none"), ``min_models``/``max_models`` (models besides the base),
+        ``validate(params, where)`` (rules between parameters, on resolved values; raises ConfigError): run on
+        the config at its probe points (``merging.params.probe_points``) and on every tensor's values when the
+        merge is planned, so a config the app calls valid never fails on its first tensor.
+    How it computes, per output tensor (``fn(base, models, params, ctx)``: float32 tensors, parameters resolved
+    for this tensor with per-model ones as lists, a ``TensorContext``; returns a tensor, or a dict of outputs):
+        ``elementwise`` (True, or a function of the plan): each output element depends only on the inputs at that
+        element, so the engine may call ``fn`` on row bands (``ctx.band``);
+        ``stats`` (StatsPass, run over a tensor's bands before ``fn``; the result is ``ctx.stats``): whole-tensor
+        quantities such as top-k thresholds or norms;
+        ``native(base, models, params, ctx, out_dtype)``: the same result from fused CPU kernels on the inputs as
+        stored, or None to let ``fn`` run.
+    Whole-model quantities:
+        ``reduce`` (a streaming pass before the merge, its 1-D results summed over every tensor into
+        ``ctx.reduced``), ``reduce_needed(plan)`` (whether this plan needs it; it may also validate the plan),
+        ``reduce_after_merge`` (only ``finalize`` reads the totals, so the engine gathers them during the merge
+        pass itself), ``native_reduce`` (``reduce`` on the stored inputs).
+    What it writes:
+        ``outputs(task)`` (the (name, spec) pairs written for one input tensor, when not one tensor of the same
+        name), ``finalize(plan, reduced)`` (extra files for the output folder).
+    What the analysis needs to know about it (``merging.analysis``):
+        ``trim_key``: the key of ``ctx.stats`` holding the method's own magnitude top-k cuts of each task vector
+        when they are the analysis' trim (TIES), so it need not find them again;
+        ``unified(result, name)``: from ``fn``'s dict of outputs, the task vector every task shares (EMR's
+        τ_uni), when the method stores one task vector and per-task modulators instead of one merged tensor;
+        ``skipped(name, params)``: tensors such a method keeps per task instead of merging.
+    """
 
     name: str
     fn: MergeFn
     summary: str
     paper: str
     params: tuple[Param, ...] = ()
+    presets: tuple[Preset, ...] = ()
+    randomized: bool = False
     base: str = "required"  # "required", "optional" or "none"
     min_models: int = 1
     max_models: int | None = None
-    # A streaming first pass over every tensor; its per-tensor 1-D results are summed and given to fn as
-    # ctx.reduced. For whole-model quantities (EMR rescalers, whole-model NAN).
-    reduce: ReduceFn | None = None
-    # Whether this plan needs the reduction pass at all (e.g. NAN only with `nan_scope: model`); None: always
-    # when `reduce` is set. Saves a whole extra read of every input when the parameters do not need it.
-    reduce_needed: Callable[..., bool] | None = None
-    # True when only ``finalize`` uses the totals (``fn`` never reads ctx.reduced): the engine then gathers them
-    # during the merge pass itself, from a result dict's REDUCED entry or by calling ``reduce`` on the same
-    # inputs, and skips the extra read of every input.
-    reduce_after_merge: bool = False
-    randomized: bool = False
-    # True when each output element depends only on the inputs at that element (plus per-tensor parameters and
-    # ctx.reduced): the engine then runs fn (and reduce, whose per-band results must add up) on row bands.
-    elementwise: bool | Callable[..., bool] = False  # or a function of the plan
-    # Per-tensor passes run before fn on each tensor (their result reaches fn as ctx.stats); see StatsPass.
+    validate: Callable[[dict[str, Any], str], None] | None = None
+    elementwise: bool | Callable[..., bool] = False
     stats: tuple[StatsPass, ...] = ()
-    # An optional hook that turns the reduction totals into extra files for the output folder.
-    finalize: Callable[..., dict[str, bytes]] | None = None
-    # For methods whose result is not one tensor per input tensor (EMR): the (name, spec) pairs a task writes.
-    outputs: Callable[..., list] | None = None
-    # Optional fused CPU kernels (merging/native) taking the inputs as stored: ``native(base, models, params, ctx,
-    # out_dtype)`` returns (the result in ``out_dtype``, its count of NaN/Inf or None), or None to let ``fn`` run on
-    # float32 copies; ``native_reduce`` stands in for ``reduce`` the same way.
     native: Callable[..., tuple[Any, int | None] | None] | None = None
+    reduce: ReduceFn | None = None
+    reduce_needed: Callable[..., bool] | None = None
+    reduce_after_merge: bool = False
     native_reduce: Callable[..., torch.Tensor | None] | None = None
-    tags: tuple[str, ...] = field(default=())
+    outputs: Callable[..., list] | None = None
+    finalize: Callable[..., dict[str, bytes]] | None = None
+    trim_key: str | None = None
+    unified: Callable[[dict, str], torch.Tensor | None] | None = None
+    skipped: Callable[[str, dict], bool] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -170,13 +197,28 @@ class MergeMethod:
                 return p
         raise KeyError(name)
 
+    def preset(self, name: str) -> Preset:
+        for preset in self.presets:
+            if preset.name == name:
+                return preset
+        raise KeyError(name)
+
 
 REGISTRY: dict[str, MergeMethod] = {}
 
 
 def register(method: MergeMethod) -> MergeMethod:
+    """Add a method to the registry (once per name); its presets must name its own parameters, in range."""
     if method.name in REGISTRY:
         raise ValueError(f"method {method.name!r} registered twice")
+    for preset in method.presets:
+        for key, value in preset.values.items():
+            try:
+                p = method.param(key)
+            except KeyError:
+                raise ValueError(f"{method.name}: preset {preset.name!r} sets {key!r}, not a parameter") from None
+            if p.type is not list:
+                p.check(value, f"{method.name}: preset {preset.name!r}")
     REGISTRY[method.name] = method
     return method
 

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from ..coefficients import (
+from .coefficients import (
     COEFFICIENT_PARAMS,
     NAN_NORMS_PASS,
     model_weights,
@@ -36,7 +36,7 @@ from ..coefficients import (
 )
 from ..errors import ConfigError
 from ..native import ops, rng
-from .registry import MergeMethod, Param, StatsPass, TensorContext, register
+from .registry import MergeMethod, Param, Preset, StatsPass, TensorContext, register
 from .selection import topk_passes
 
 # --- sparsification: each takes one task vector and returns it with some entries set to zero -----------------
@@ -117,6 +117,18 @@ def della_keep_probabilities(tau: torch.Tensor, density: float, epsilon: float) 
     return ((density - epsilon) + 2 * epsilon * scaled).reshape(tau.shape)
 
 
+def check_della_bounds(density: float, epsilon: float, where: str) -> None:
+    """DELLA's keep probabilities density ± ε must lie in (0, 1) (a density of 1 keeps everything)."""
+    if density < 1 and (density - epsilon <= 0 or density + epsilon >= 1):
+        raise ConfigError(f"{where}: della needs 0 < density ± epsilon < 1, got density {density:g}, epsilon {epsilon:g}")
+
+
+def validate_della(params: dict, where: str) -> None:
+    """``validate`` of the DELLA methods: each model's density ± epsilon in (0, 1)."""
+    for i, (density, epsilon) in enumerate(zip(params["density"], params["epsilon"])):
+        check_della_bounds(density, epsilon, f"{where} (model {i + 1})" if len(params["density"]) > 1 else where)
+
+
 def della_prune(tau: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
                 where: str = "della") -> torch.Tensor:
     """DELLA: keep each entry with its magnitude-ranked probability (see ``della_keep_probabilities``)."""
@@ -124,8 +136,7 @@ def della_prune(tau: torch.Tensor, density: float, epsilon: float, generator: to
         return tau
     if density <= 0:
         return torch.zeros_like(tau)
-    if density - epsilon <= 0 or density + epsilon >= 1:
-        raise ConfigError(f"{where}: della needs 0 < density ± epsilon < 1, got density {density:g}, epsilon {epsilon:g}")
+    check_della_bounds(density, epsilon, where)
     probabilities = della_keep_probabilities(tau, density, epsilon)
     keep = torch.rand(tau.shape, generator=generator, device=tau.device, dtype=torch.float32) < probabilities
     return tau * keep
@@ -323,10 +334,15 @@ TIES_PAPER = "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)"
 DARE_PAPER = "Yu et al. 2024, Language models are Super Mario: DARE (arXiv:2311.03099)"
 BREADCRUMBS_PAPER = "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv:2312.06795)"
 DELLA_PAPER = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
+DARE_PRESETS = (Preset("paper", "drop 90 %: density 0.1 (Yu et al.)", {"density": 0.1}),
+                Preset("several_models", "several models: drop 50 %, density 0.5", {"density": 0.5}))
+BREADCRUMBS_PRESETS = (Preset("paper", "drop the top 1 %, keep 90 % (Davari & Belilovsky)",
+                              {"density": 0.9, "gamma": 0.01}),)
+DELLA_PRESETS = (Preset("paper", "density 0.7, ε 0.15 (Deep et al.)", {"density": 0.7, "epsilon": 0.15}),)
 
 
 def _register(name: str, summary: str, paper: str, sparsification: str | None, consensus: bool, extra: tuple,
-              normalize: bool, rescale: bool) -> None:
+              normalize: bool, rescale: bool, presets: tuple[Preset, ...] = ()) -> None:
     """Register one member of the family; its defaults for ``normalize`` and ``rescale`` are mergekit's."""
     params = (WEIGHT, *extra, LAMBDA, _normalize(normalize), _rescale(rescale), INT8_MASK, *COEFFICIENT_PARAMS)
     fn = partial(merge_task_vectors, sparsification=sparsification, consensus=consensus)
@@ -335,7 +351,9 @@ def _register(name: str, summary: str, paper: str, sparsification: str | None, c
     if sparsification != "della":
         native = partial(merge_task_vectors_native, sparsification=sparsification, consensus=consensus)
     register(MergeMethod(
-        name=name, fn=fn, summary=summary, paper=paper, params=params, base="required", min_models=1,
+        name=name, fn=fn, summary=summary, paper=paper, params=params, presets=presets, base="required",
+        min_models=1, validate=validate_della if sparsification == "della" else None,
+        trim_key="cuts" if sparsification == "magnitude" else None,
         randomized=sparsification in ("random", "della"), reduce=nan_reduce, reduce_needed=needs_model_norms,
         elementwise=True, stats=stats_passes(sparsification), native=native,
     ))
@@ -344,22 +362,25 @@ def _register(name: str, summary: str, paper: str, sparsification: str | None, c
 _register("ties", "trim each task vector to its largest entries, elect a sign per entry, average the agreeing ones",
           TIES_PAPER, "magnitude", True,
           (_density("fraction of each task vector kept, by magnitude (the paper uses 0.2; 1 keeps all)"),),
-          normalize=True, rescale=False)
+          normalize=True, rescale=False,
+          presets=(Preset("paper", "top 20 %, λ = 1 (Yadav et al.)", {"density": 0.2, "lambda": 1.0, "normalize": True}),))
 _register("dare_linear", "drop task-vector entries at random, rescale the survivors, add the weighted sum",
           DARE_PAPER, "random", False, (_density("keep probability of each entry (1 − the drop rate p)"),),
-          normalize=False, rescale=True)
+          normalize=False, rescale=True, presets=DARE_PRESETS)
 _register("dare_ties", "DARE's random drop and rescale, then TIES' sign election and disjoint sum",
           DARE_PAPER, "random", True, (_density("keep probability of each entry (1 − the drop rate p)"),),
-          normalize=False, rescale=True)
+          normalize=False, rescale=True, presets=DARE_PRESETS)
 _register("breadcrumbs", "drop the largest outliers and the smallest entries of each task vector, add the sum",
           BREADCRUMBS_PAPER, "outliers", False,
-          (_density("fraction of each task vector kept after both cuts"), GAMMA), normalize=False, rescale=False)
+          (_density("fraction of each task vector kept after both cuts"), GAMMA), normalize=False, rescale=False,
+          presets=BREADCRUMBS_PRESETS)
 _register("breadcrumbs_ties", "Model Breadcrumbs' two-sided cut, then TIES' sign election",
           BREADCRUMBS_PAPER, "outliers", True,
-          (_density("fraction of each task vector kept after both cuts"), GAMMA), normalize=False, rescale=False)
+          (_density("fraction of each task vector kept after both cuts"), GAMMA), normalize=False, rescale=False,
+          presets=BREADCRUMBS_PRESETS)
 _register("della", "drop entries at random with magnitude-ranked probabilities, rescale, elect signs (DELLA)",
           DELLA_PAPER, "della", True, (_density("mean keep probability of an entry"), EPSILON),
-          normalize=True, rescale=True)
+          normalize=True, rescale=True, presets=DELLA_PRESETS)
 _register("della_linear", "DELLA's magnitude-ranked random drop and rescale, then a weighted sum (no election)",
           DELLA_PAPER, "della", False, (_density("mean keep probability of an entry"), EPSILON),
-          normalize=False, rescale=True)
+          normalize=False, rescale=True, presets=DELLA_PRESETS)

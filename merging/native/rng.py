@@ -5,16 +5,32 @@ band, a range or a whole tensor computed on any number of threads gets the same 
 
 from __future__ import annotations
 
-import torch
+import hashlib
+from typing import Protocol
 
-from ..methods.registry import TensorContext, stable_seed
+import torch
 
 GOLDEN = 0x9E3779B9
 MASK32 = 0xFFFFFFFF
 ONE24 = 1 << 24
 
 
-def model_key(ctx: TensorContext, model: int) -> int:
+class DrawSite(Protocol):
+    """Where draws are made: what a method's ``TensorContext`` says of the tensor (or band) it is merging."""
+
+    seed: int
+    name: str
+    band: tuple[int, int] | None
+    shape: tuple[int, ...]
+
+
+def stable_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from (seed, name) that is the same in every process and on every machine (not ``hash``)."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def model_key(ctx: DrawSite, model: int) -> int:
     """The 64-bit key of model ``model``'s draws on this tensor."""
     return stable_seed(ctx.seed, f"{ctx.name}#{model}")
 
@@ -24,7 +40,7 @@ def keep_limit(density: float) -> int:
     return max(0, min(ONE24, round(density * ONE24)))
 
 
-def first_index(ctx: TensorContext) -> int:
+def first_index(ctx: DrawSite) -> int:
     """The flat index, in the whole tensor, of the first element of the band ``ctx`` describes."""
     if not ctx.band or not ctx.shape or ctx.shape[0] == 0:
         return 0
@@ -52,7 +68,7 @@ def draw24(key: int, first: int, n: int, device: torch.device | str = "cpu") -> 
     return h >> 8
 
 
-def keep_mask(ctx: TensorContext, model: int, shape: torch.Size | tuple[int, ...], density: float,
+def keep_mask(ctx: DrawSite, model: int, shape: torch.Size | tuple[int, ...], density: float,
               device: torch.device | str = "cpu") -> torch.Tensor:
     """DARE's keep mask for model ``model`` on this band: each entry kept with probability ``density``."""
     n = 1

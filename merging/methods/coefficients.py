@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
-from .methods.registry import Param, StatsPass, TensorContext
+from ..errors import ConfigError
+from .registry import Param, StatsPass, TensorContext
 
 COEFFICIENT_PARAMS: tuple[Param, ...] = (
     Param("coefficients", str, "weights",
