@@ -29,8 +29,8 @@ from merging.errors import MergeError
 from merging.zoo import learn
 from merging.zoo.data import TASKS
 from merging.zoo.eval import Zoo, accuracy, average
-from merging.zoo.train import single_thread
 from merging.zoo.model import HEAD_PREFIX, build_model
+from merging.zoo.train import single_thread
 
 from . import learn_charts
 from .common import user_errors

@@ -13,9 +13,9 @@ import json
 import os
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import gradio as gr
 
@@ -208,7 +208,7 @@ def wire_merge_panel(panel: MergePanel, yaml_box, settings: AppSettings, session
     @user_errors
     def materialize(out_dir: str | None, task: str, request: gr.Request,
                     oauth_token: gr.OAuthToken | None = None) -> list[str]:
-        from merging.emr_cli import extract_task
+        from merging.emr_store import extract_task
 
         if not out_dir or not task:
             raise gr.Error("Run an EMR merge and pick a task first")

@@ -65,7 +65,8 @@ def _resolver(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m merging", description="Merge fine-tuned checkpoints and explain the merge.")
+    parser = argparse.ArgumentParser(prog="python -m merging",
+                                     description="Merge fine-tuned checkpoints and explain the merge.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("merge", help="run a merge config into OUT_DIR")
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     p.add_argument("--seed", type=int, default=None, help="seed for the random methods (overrides the config)")
-    p.add_argument("--allow-pickle", action="store_true", help="load PyTorch pickles with torch.load(weights_only=True)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load PyTorch pickles with torch.load(weights_only=True)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--hub-cache", action="store_true",
                    help="download Hub inputs into the huggingface_hub cache instead of streaming them")

@@ -51,26 +51,27 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from .methods.coefficients import nan_coefficients
-from .config import MergeConfig
 from . import native
+from .config import MergeConfig
 from .engine import Executor, pick_device
-from .memory import reuse_freed_memory
 from .errors import ConfigError
+from .memory import reuse_freed_memory
+from .methods.coefficients import nan_coefficients
 from .methods.emr import elect, emr_outputs, is_skipped, tau_uni_name
 from .methods.registry import MergeMethod, TensorContext
-from .native.rng import stable_seed
-from .safetensors_io import DTYPES
 from .methods.selection import Cut, topk_passes
-from .native import ops
 from .methods.task_vectors import sparsified_ranks
+from .native import ops
+from .native.rng import stable_seed
 from .plan import MergePlan, TensorTask, build_plan, layer_index
+from .safetensors_io import DTYPES
 from .sources import CheckpointSource, open_sources
 
 SCHEMA_VERSION = 1
@@ -152,7 +153,7 @@ class RatioStrata:
     sxy: np.ndarray
 
     @staticmethod
-    def concat(parts: list["RatioStrata"]) -> "RatioStrata":
+    def concat(parts: list[RatioStrata]) -> RatioStrata:
         return RatioStrata(*(np.concatenate([getattr(p, f) for p in parts]) for f in
                              ("rows", "read", "sy", "sx", "syy", "sxx", "sxy")))
 
@@ -229,7 +230,7 @@ class TensorSums:
     method_emr: np.ndarray | None = None
 
     @staticmethod
-    def add(parts: list["TensorSums"]) -> "TensorSums":
+    def add(parts: list[TensorSums]) -> TensorSums:
         def total(attr):
             values = [getattr(p, attr) for p in parts]
             return None if any(v is None for v in values) else sum(values[1:], values[0])
@@ -269,7 +270,7 @@ class _TopK:
         self.ties_left = k - int((flat > self.threshold).sum())
 
     @classmethod
-    def from_rule(cls, threshold: float, ties: int) -> "_TopK":
+    def from_rule(cls, threshold: float, ties: int) -> _TopK:
         """The trim of one row band of a tensor, from its exact cut (``Cut.band_rule``): magnitudes above
         ``threshold``, and of those equal to it all (ties = -1), none (0) or the first ``ties``."""
         top = cls.__new__(cls)

@@ -207,12 +207,14 @@ def bench(shape: Shape, methods: list[str], repeat: int, workdir: Path, use_merg
                 if who == "ours":
                     cmd = [sys.executable, "-m", "merging", "merge", str(cfg), str(out), "--device", device]
                 else:
-                    cmd = [mergekit, str(cfg), str(out), "--no-copy-tokenizer", "--allow-crimes", "--out-shard-size", "5B"]
+                    cmd = [mergekit, str(cfg), str(out), "--no-copy-tokenizer", "--allow-crimes",
+                           "--out-shard-size", "5B"]
                     if device == "cuda":
                         cmd.append("--cuda")
                 wall, peak, rc, err = run_measured(cmd, env)
                 if rc != 0:
-                    raise MergeError(f"bench: {who} failed on {method} (exit {rc}): {err.strip().splitlines()[-1] if err.strip() else ''}")
+                    last = err.strip().splitlines()[-1] if err.strip() else ""
+                    raise MergeError(f"bench: {who} failed on {method} (exit {rc}): {last}")
                 times.append(wall)
                 peaks.append(peak)
             row[f"{who}_s"] = min(times)
@@ -221,7 +223,8 @@ def bench(shape: Shape, methods: list[str], repeat: int, workdir: Path, use_merg
             row["time_ratio"] = row["ours_s"] / row["mergekit_s"]
             row["memory_ratio"] = row["ours_peak_bytes"] / row["mergekit_peak_bytes"]
             row["outputs_agree"] = ("n/a (random)" if method in RANDOM_METHODS
-                                    else compare_outputs(workdir / f"out_ours_{method}", workdir / f"out_mergekit_{method}"))
+                                    else compare_outputs(workdir / f"out_ours_{method}",
+                                                         workdir / f"out_mergekit_{method}"))
         rows.append(row)
     input_bytes = sum(f.stat().st_size for d in (base, *tunes) for f in d.glob("*.safetensors"))
     return {"shape": asdict(shape), "parameters_per_model": shape.parameters(), "input_bytes": input_bytes,
@@ -231,14 +234,17 @@ def bench(shape: Shape, methods: list[str], repeat: int, workdir: Path, use_merg
 
 def format_table(report: dict) -> str:
     lines = [f"inputs: base + {report['shape']['models']} × {report['parameters_per_model'] / 1e9:.2f} B parameters "
-             f"({report['shape']['dtype']}), {report['input_bytes'] / 1e9:.2f} GB; read floor {report['read_floor_s']:.2f} s; "
+             f"({report['shape']['dtype']}), {report['input_bytes'] / 1e9:.2f} GB; "
+             f"read floor {report['read_floor_s']:.2f} s; "
              f"{report['cpu_count']} CPUs, device {report['device']}",
-             "| method | ours (s) | mergekit (s) | time ratio | ours peak RSS (GB) | mergekit peak RSS (GB) | memory ratio | outputs agree |",
+             "| method | ours (s) | mergekit (s) | time ratio | ours peak RSS (GB) | mergekit peak RSS (GB) "
+             "| memory ratio | outputs agree |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        def fmt(key: str, f: str) -> str:
+        def fmt(key: str, f: str, r: dict = r) -> str:
             return f.format(r[key]) if key in r else "–"
-        lines.append(f"| {r['method']} | {fmt('ours_s', '{:.2f}')} | {fmt('mergekit_s', '{:.2f}')} | {fmt('time_ratio', '{:.3f}')} | "
+        lines.append(f"| {r['method']} | {fmt('ours_s', '{:.2f}')} | {fmt('mergekit_s', '{:.2f}')} "
+                     f"| {fmt('time_ratio', '{:.3f}')} | "
                      f"{r['ours_peak_bytes'] / 1e9:.2f} | "
                      f"{(r['mergekit_peak_bytes'] / 1e9) if 'mergekit_peak_bytes' in r else float('nan'):.2f} | "
                      f"{fmt('memory_ratio', '{:.3f}')} | {r.get('outputs_agree', '–')} |")

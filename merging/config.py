@@ -86,7 +86,7 @@ class MergeConfig(_Strict):
         return key
 
     @model_validator(mode="after")
-    def _has_inputs(self) -> "MergeConfig":
+    def _has_inputs(self) -> MergeConfig:
         if not self.models and not self.slices:
             raise ValueError("the config names no models (give `models:` or `slices:`)")
         if self.models and self.slices:
@@ -138,9 +138,11 @@ def parse_config(text: str, *, source: str = "config") -> MergeConfig:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(_one_line(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}")) from None
+        problem = getattr(exc, "problem", None) or exc
+        raise ConfigError(_one_line(f"{source}: not valid YAML{where}: {problem}")) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: must be a YAML mapping with `merge_method` and `models`, got {type(data).__name__}")
+        raise ConfigError(f"{source}: must be a YAML mapping with `merge_method` and `models`, "
+                          f"got {type(data).__name__}")
     return config_from_dict(data, source=source)
 
 

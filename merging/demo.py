@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .synthetic import llama_config, llama_shapes
-
 from .safetensors_io import save_file
+from .synthetic import llama_config, llama_shapes
 
 DEMO_TASKS: dict[str, float] = {"math": 0.010, "code": 0.016, "chat": 0.006, "translate": 0.012}
 DEMO_SHAPE = {"hidden": 64, "intermediate": 128, "layers": 6, "vocab": 256, "heads": 4}

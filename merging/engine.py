@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -221,10 +221,12 @@ class Executor:
                 pending = pool.submit(self.unit_inputs, *units[i + 1]) if i + 1 < len(units) else None
                 yield task, band, base, models
                 last = band is None or band[1] == task.spec.shape[0]
-                done_bytes += task.spec.nbytes if band is None else task.spec.nbytes * (band[1] - band[0]) // task.spec.shape[0]
+                rows = task.spec.shape[0] if band is not None else 1
+                done_bytes += task.spec.nbytes if band is None else task.spec.nbytes * (band[1] - band[0]) // rows
                 done_tensors += last
                 if self.progress and last:
-                    self.progress(Progress(phase, done_tensors, len(tasks), done_bytes, total_bytes, time.monotonic() - start))
+                    elapsed = time.monotonic() - start
+                    self.progress(Progress(phase, done_tensors, len(tasks), done_bytes, total_bytes, elapsed))
         if self.cancel():
             raise Cancelled("merge cancelled; nothing was written")
 
@@ -344,7 +346,8 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
                 writer.finish()
             finally:
                 writer.close()
-            plan.report.notes.extend(f"{name}: {n} NaN/Inf values in the merged tensor" for name, n in nonfinite.items())
+            plan.report.notes.extend(f"{name}: {n} NaN/Inf values in the merged tensor"
+                                     for name, n in nonfinite.items())
             write_side_files(tmp, plan, sources, totals if after_merge else reduced)
             files = sorted(p.name for p in tmp.iterdir())
         return MergeResult(Path(out_dir).absolute(), files, len(plan.tasks), writer.total_size,

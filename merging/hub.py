@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -214,7 +214,8 @@ def hub_resolver(token: str | None = None, cache: bool = False, *, endpoint: str
         try:  # imported here: local merges work without huggingface_hub installed
             from .sources.hub import open_hub
         except ImportError:
-            raise SourceError(f"{ref}: reading from the Hub needs huggingface_hub (pip install huggingface_hub)") from None
+            raise SourceError(f"{ref}: reading from the Hub needs huggingface_hub "
+                              "(pip install huggingface_hub)") from None
         return open_hub(hub_ref.repo_id, hub_ref.revision, label=ref, token=resolve_token(token),
                         endpoint=resolve_endpoint(endpoint), allow_pickle=allow_pickle, base=base, cache=cache,
                         cache_dir=cache_dir, retries=retries, backoff_s=backoff_s)

@@ -8,7 +8,8 @@ then the global ones, then the method's default.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .errors import ConfigError
 from .methods.registry import MergeMethod, Param
@@ -71,8 +72,10 @@ def check_params(method: MergeMethod, params: Mapping[str, Any], where: str, *,
             hint = f" (its parameters: {', '.join(known)})" if known else " (it takes none)"
             raise ConfigError(f"{where}: unknown parameter `{name}` for {method.name!r}{hint}")
         if not global_allowed and not p.per_model:
-            raise ConfigError(f"{where}: `{name}` is a global parameter of {method.name!r}; set it under the top-level `parameters`")
-        if p.type is list and not all(isinstance(v, str) for v in (setting if isinstance(setting, list) else [setting])):
+            raise ConfigError(f"{where}: `{name}` is a global parameter of {method.name!r}; set it under the "
+                              "top-level `parameters`")
+        values = setting if isinstance(setting, list) else [setting]
+        if p.type is list and not all(isinstance(v, str) for v in values):
             raise ConfigError(f"{where}: `{name}` must be a string or a list of strings, got {setting!r}")
         for value in _scalars(setting, f"{where}.{name}"):
             p.check(value, where)
@@ -88,7 +91,8 @@ def _scalars(setting: Any, where: str):
             if isinstance(entry, dict):
                 extra = set(entry) - {"filter", "value"}
                 if extra or "value" not in entry:
-                    raise ConfigError(f"{where}: each entry of a filter list needs `value` (and optionally `filter`), got keys {sorted(map(str, entry))}")
+                    raise ConfigError(f"{where}: each entry of a filter list needs `value` (and optionally "
+                                      f"`filter`), got keys {sorted(map(str, entry))}")
                 if entry.get("filter") is not None and not isinstance(entry["filter"], str):
                     raise ConfigError(f"{where}: `filter` must be a string, got {entry['filter']!r}")
                 yield from _scalars(entry["value"], where)

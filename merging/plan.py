@@ -137,7 +137,8 @@ def build_plan(config: MergeConfig, sources: dict[str, CheckpointSource]) -> Mer
 
 def _plan_slices(config: MergeConfig, method: MergeMethod, sources: dict[str, CheckpointSource]) -> MergePlan:
     first = config.slices[0].sources
-    reference = config.base_model if config.base_model and any(s.model == config.base_model for s in first) else first[0].model
+    base_in_first = config.base_model and any(s.model == config.base_model for s in first)
+    reference = config.base_model if base_in_first else first[0].model
     ref_specs = sources[reference].specs()
     ref_cfg = read_json_file(sources[reference], "config.json")
     report = CompatibilityReport()

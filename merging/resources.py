@@ -5,7 +5,8 @@ a restarted container) or fails when the disk fills. The estimates come from the
 no weights read), following how the engine runs (merging/engine.py, merging/bands.py):
 
     unit      = the rows processed at once: the largest of ``bands.row_bands`` for element-wise methods and
-                copies (about BAND_ELEMENTS elements, at least 8 rows), the whole tensor otherwise (and for vocabulary-mismatch tensors)
+                copies (about BAND_ELEMENTS elements, at least 8 rows), the whole tensor otherwise (and for
+                vocabulary-mismatch tensors)
     memory    ≈ PROCESS_OVERHEAD + max over tasks of
                   unit · ( 2 · stored bytes per element · inputs        (the current unit and the prefetched one)
                          + 3 · output bytes per element                 (writes in flight)

@@ -13,8 +13,8 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -69,7 +69,8 @@ class TensorInfo:
         return self.nbytes // rows if rows else 0
 
 
-def parse_header(read_at: Callable[[int, int], bytes], file_size: int, label: str) -> tuple[dict[str, TensorInfo], dict]:
+def parse_header(read_at: Callable[[int, int], bytes], file_size: int,
+                 label: str) -> tuple[dict[str, TensorInfo], dict]:
     """Parse and validate a safetensors header; ``read_at(offset, length)`` supplies bytes.
 
     Returns the tensors by name and the ``__metadata__`` mapping. Every inconsistency raises a SourceError that
@@ -81,7 +82,8 @@ def parse_header(read_at: Callable[[int, int], bytes], file_size: int, label: st
     if header_len > MAX_HEADER_BYTES:
         raise SourceError(f"{label}: header of {header_len} bytes is larger than the {MAX_HEADER_BYTES} allowed")
     if 8 + header_len > file_size:
-        raise SourceError(f"{label}: header length {header_len} runs past the end of the file ({file_size} bytes); the file is truncated or not safetensors")
+        raise SourceError(f"{label}: header length {header_len} runs past the end of the file ({file_size} "
+                          "bytes); the file is truncated or not safetensors")
     try:
         header = json.loads(read_at(8, header_len))
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, integers over 4300 digits, deep nesting
@@ -159,7 +161,8 @@ def tensor_from_bytes(info: TensorInfo, buffer: bytearray | memoryview | torch.T
     return torch.frombuffer(buffer, dtype=DTYPES[info.dtype]).reshape(shape)
 
 
-def header_bytes(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None) -> tuple[bytes, list[int]]:
+def header_bytes(entries: list[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict | None = None) -> tuple[bytes, list[int]]:
     """Build a header for tensors written in the given order; returns it and each tensor's data offset.
 
     The header is padded with spaces to a multiple of 8 bytes so that the data stays aligned.

@@ -58,7 +58,8 @@ class ShardedWriter:
             groups[-1].append((name, spec))
             size += spec.nbytes
         n = len(groups)
-        self.files = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        self.files = (["model.safetensors"] if n == 1
+                      else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)])
         self._where: dict[str, tuple[int, int, TensorSpec]] = {}  # name -> (fd, absolute offset, spec)
         self._fds: list[int] = []
         self.weight_map: dict[str, str] = {}
@@ -86,7 +87,8 @@ class ShardedWriter:
         fits = (tensor.dim() == len(spec.shape) and tuple(tensor.shape[1:]) == spec.shape[1:]
                 and first_row + (tensor.shape[0] if tensor.dim() else 1) <= (spec.shape[0] if spec.shape else 1))
         if DTYPE_NAMES[tensor.dtype] != spec.dtype or not (whole or fits):
-            raise AssertionError(f"{name}: computed {DTYPE_NAMES[tensor.dtype]}{list(tensor.shape)} at row {first_row}, "
+            raise AssertionError(f"{name}: computed {DTYPE_NAMES[tensor.dtype]}{list(tensor.shape)} "
+                                 f"at row {first_row}, "
                                  f"planned {spec.dtype}{list(spec.shape)}")
         row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else 0
         _pwrite_all(fd, tensor_bytes(tensor), offset + first_row * row_bytes)
@@ -130,7 +132,8 @@ def _reserve(fd: int, size: int) -> None:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
         if exc.errno in (28, 27):  # ENOSPC, EFBIG
-            raise MergeError(f"not enough disk space for the output ({size / 1e9:.2f} GB needed): {exc.strerror}") from None
+            raise MergeError(f"not enough disk space for the output ({size / 1e9:.2f} GB needed): "
+                             f"{exc.strerror}") from None
         os.ftruncate(fd, size)  # the filesystem cannot preallocate; write sparse
 
 

@@ -29,10 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the summary here")
     args = parser.parse_args(argv)
 
+    import test_fuzz_properties as props
     from hypothesis import HealthCheck, Phase, settings
     from hypothesis.errors import InvalidArgument
-
-    import test_fuzz_properties as props
 
     counts: dict[str, int] = {}
 

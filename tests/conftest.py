@@ -1,13 +1,8 @@
-import sys
-from pathlib import Path
+"""Shared fixtures. The package is installed (``pip install -e .``, tests/run.sh); this folder's helper modules
+(checkpoints, fakehub, browser, ...) import by name because pytest puts a rootless test folder on the path."""
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from checkpoints import write_family  # noqa: E402
+from checkpoints import write_family
 
 
 @pytest.fixture

@@ -119,7 +119,7 @@ class FakeHub:
         self.repos[repo_id] = repo
         return repo
 
-    def start(self) -> "FakeHub":
+    def start(self) -> FakeHub:
         hub_handler = type("HubHandler", (_Handler,), {"hub": self, "is_cdn": False})
         cdn_handler = type("CdnHandler", (_Handler,), {"hub": self, "is_cdn": True})
         for handler in (hub_handler, cdn_handler):
@@ -135,7 +135,7 @@ class FakeHub:
             server.server_close()
         self._servers = []
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         return self.start()
 
     def __exit__(self, *exc) -> None:

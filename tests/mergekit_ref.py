@@ -30,9 +30,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from checkpoints import DTYPES, fine_tune, llama_config, llama_tensors, save_checkpoint
+from safetensors.torch import load_file
 
 MERGEKIT_FLAGS = ("--no-copy-tokenizer", "--no-write-model-card", "--quiet")
 

@@ -14,6 +14,8 @@ if ! "$PY" -c 'import importlib.metadata as m, sys; sys.exit(m.version("torch").
     "$PY" -m pip install -q torch==2.13.0
 fi
 "$PY" -m pip install -q -r requirements.txt -r tests/requirements.txt
+# The project itself, editable: `merging` and `components` import from this checkout, `mergescope` is on PATH.
+"$PY" -m pip install -q --no-deps -e .
 
 # Browser tests drive Debian's Chromium through Playwright, never a browser downloaded by Playwright itself.
 if [ ! -x /usr/bin/chromium ]; then
@@ -27,4 +29,6 @@ if [ ! -x /usr/bin/chromium ]; then
     $SUDO apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null
 fi
 
+# Lint first: a ruff failure is cheaper to hear about than a 3-minute test run.
+"$PY" -m ruff check .
 exec "$PY" -m pytest -q tests "$@"

@@ -12,8 +12,7 @@ import torch
 from checkpoints import llama_config, llama_tensors, load_folder, save_checkpoint, write_family
 
 from merging.__main__ import main
-from merging.analysis import (DEFAULT_SAMPLE_FRACTION, RatioStrata, StatsContext, analyze, derive, group_of,
-                              tensor_sums)
+from merging.analysis import DEFAULT_SAMPLE_FRACTION, RatioStrata, StatsContext, analyze, derive, group_of, tensor_sums
 from merging.config import parse_config
 from merging.engine import run_merge
 
@@ -318,7 +317,7 @@ def test_emr_distance_is_the_rebuilt_task_and_rescalers_match_the_merge(tmp_path
 
 
 def test_emr_rescale_distance_matches_the_extracted_tasks(tmp_path):
-    from merging.emr_cli import extract_task
+    from merging.emr_store import extract_task
 
     base, tunes = sparse_family(tmp_path / "m")
     text = config_for("emr_rescale", base, tunes, params={"unify": "ties", "density": 0.5,

@@ -16,6 +16,7 @@ import yaml
 gradio_client = pytest.importorskip("gradio_client")
 
 from app_server import running_app  # noqa: E402
+
 from merging.config import parse_config  # noqa: E402
 from merging.demo import ensure_demo_models  # noqa: E402
 from merging.engine import run_merge  # noqa: E402

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from app_server import running_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(240)]

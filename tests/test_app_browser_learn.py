@@ -7,7 +7,6 @@ import os
 import time
 
 import pytest
-
 from app_server import running_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(120)]

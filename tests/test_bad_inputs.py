@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from checkpoints import fine_tune, llama_config, llama_tensors, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

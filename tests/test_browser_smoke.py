@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from browser import chromium_missing_reason, launch_chromium, serve_directory
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]

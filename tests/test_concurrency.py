@@ -26,6 +26,7 @@ import yaml
 gradio_client = pytest.importorskip("gradio_client")
 
 from app_server import running_app  # noqa: E402
+
 from merging.config import parse_config  # noqa: E402
 from merging.engine import run_merge  # noqa: E402
 
@@ -112,7 +113,7 @@ def test_eight_sessions_merge_different_configs_at_once(served, tmp_path, monkey
 
     # Every result equals the library's merge of the same config, file by file.
     folders = []
-    for i, (files, archive, summary) in enumerate(results):
+    for i, (files, _archive, summary) in enumerate(results):
         expected_dir = tmp_path / f"direct-{i}"
         expected = run_merge(parse_config(texts[i]), expected_dir)
         got = {Path(f["path"]).name: Path(f["path"]) for f in files}

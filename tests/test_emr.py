@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checkpoints import load_folder, write_family
 from safetensors.torch import save_file
 
-from checkpoints import load_folder, write_family
 from merging import ConfigError, MergeError, parse_config, run_merge
 from merging.__main__ import main
-from merging.emr_cli import extract_task, load_emr
+from merging.emr_store import extract_task, load_emr
 from merging.methods.emr import elect, pack_bits, task_masks, unpack_bits
 from merging.safetensors_io import read_local_header
 

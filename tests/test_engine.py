@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import fine_tune, llama_config, llama_tensors, load_folder, save_checkpoint, write_family
 from safetensors.torch import save_file
 
-from checkpoints import fine_tune, llama_config, llama_tensors, load_folder, save_checkpoint, write_family
 from merging import CompatibilityError, ConfigError, MergeError, SourceError, parse_config, run_merge
 from merging.errors import Cancelled
 from merging.safetensors_io import read_local_header

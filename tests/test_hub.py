@@ -15,12 +15,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from checkpoints import load_folder, save_checkpoint, write_family
 from fakehub import FakeHub
+
 from merging import MergeError, SourceError, parse_config, run_merge
-from merging.hub import (fine_tunes_of, hub_model_card, hub_resolver, parse_ref, preflight, push_merge,
-                         resolve_token, search_models)
+from merging.hub import (
+    fine_tunes_of,
+    hub_model_card,
+    hub_resolver,
+    parse_ref,
+    preflight,
+    push_merge,
+    resolve_token,
+    search_models,
+)
 from merging.safetensors_io import read_local_header
 from merging.sources.hub import HEADER_PREFETCH, HubCheckpoint
 

@@ -6,9 +6,14 @@ import json
 
 import pytest
 import torch
-
-from mergekit_ref import (llama_tensor_names, load_output, mergekit_executable, run_mergekit, write_config,
-                          write_llama_checkpoint)
+from mergekit_ref import (
+    llama_tensor_names,
+    load_output,
+    mergekit_executable,
+    run_mergekit,
+    write_config,
+    write_llama_checkpoint,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_methods_cli import minimal_config
 
 from merging.config import parse_config
 from merging.errors import ConfigError
 from merging.methods import REGISTRY
 from merging.methods.docs import TABLE_END, TABLE_START, methods_table_markdown, with_methods_section
-from test_methods_cli import minimal_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

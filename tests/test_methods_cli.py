@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from checkpoints import load_folder
 from safetensors import safe_open
 
-from checkpoints import load_folder
 from merging.__main__ import main
 from merging.config import load_config
 from merging.engine import _planned_outputs, plan_merge

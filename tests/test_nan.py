@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-
 from checkpoints import llama_config, llama_tensors, load_folder, save_checkpoint
-from merging.methods.coefficients import nan_coefficients
+
 from merging.config import config_from_dict
 from merging.engine import run_merge
 from merging.errors import ConfigError
 from merging.methods import REGISTRY, TensorContext
+from merging.methods.coefficients import nan_coefficients
 from merging.params import resolve
 
 NAME = "model.layers.0.self_attn.q_proj.weight"

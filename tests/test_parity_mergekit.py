@@ -17,8 +17,8 @@ import sys
 
 import pytest
 import torch
+from mergekit_ref import MERGEKIT_FLAGS, load_output, mergekit_env, write_config, write_llama_checkpoint
 
-from mergekit_ref import (MERGEKIT_FLAGS, load_output, mergekit_env, write_config, write_llama_checkpoint)
 from merging.config import config_from_dict
 from merging.engine import run_merge
 from merging.errors import ConfigError

@@ -23,6 +23,7 @@ import yaml
 gradio_client = pytest.importorskip("gradio_client")
 
 from app_server import running_app  # noqa: E402
+
 from merging.config import parse_config  # noqa: E402
 from merging.engine import run_merge  # noqa: E402
 
@@ -56,12 +57,12 @@ class FileWatch:
             with self.lock:
                 self.hits.append(path)
 
-    def watch(self, *targets: str | Path) -> "FileWatch":
+    def watch(self, *targets: str | Path) -> FileWatch:
         self.hits = []
         self.targets = tuple(os.path.abspath(str(t)) for t in targets)
         return self
 
-    def __enter__(self) -> "FileWatch":
+    def __enter__(self) -> FileWatch:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -11,15 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from checkpoints import fine_tune, save_checkpoint, write_family
-from merging.config import parse_config
+
 from merging.bands import BAND_ELEMENTS
+from merging.config import parse_config
 from merging.engine import run_merge
 from merging.errors import MergeError
 from merging.plan import build_plan
-from merging.resources import (FIXED_BUFFERS, FUSED_BUFFERS, PROCESS_OVERHEAD, check_resources, estimate_resources,
-                               free_resources)
+from merging.resources import (
+    FIXED_BUFFERS,
+    FUSED_BUFFERS,
+    PROCESS_OVERHEAD,
+    check_resources,
+    estimate_resources,
+    free_resources,
+)
 from merging.sources import open_sources
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,8 +16,8 @@ from merging.__main__ import main  # noqa: E402
 from merging.zoo.data import TASKS, split_indices  # noqa: E402
 from merging.zoo.eval import Zoo, evaluate_checkpoint, evaluate_state  # noqa: E402
 from merging.zoo.fisher import diagonal_fisher, fisher_average  # noqa: E402
-from merging.zoo.regmean import gram_matrices, regmean_weight  # noqa: E402
 from merging.zoo.rebasin import barrier_curve, permute_state, weight_matching  # noqa: E402
+from merging.zoo.regmean import gram_matrices, regmean_weight  # noqa: E402
 from merging.zoo.train import DEFAULT_ZOO_DIR, Steps, build  # noqa: E402
 
 needs_zoo = pytest.mark.skipif(not (DEFAULT_ZOO_DIR / "base" / "model.safetensors").is_file(),

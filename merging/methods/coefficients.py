@@ -94,7 +94,8 @@ def model_weights(base: torch.Tensor | None, models: list[torch.Tensor], params:
         return list(params["weight"])
     if params["nan_scope"] == "model":
         if ctx.reduced is None or len(ctx.reduced) != len(models):
-            raise ConfigError(f"{ctx.name}: `nan_scope: model` needs every tensor merged from the same number of models")
+            raise ConfigError(f"{ctx.name}: `nan_scope: model` needs every tensor merged from the same number of "
+                              "models")
         return nan_coefficients(ctx.reduced.sqrt())
     if ctx.stats and "nan_squared_norms" in ctx.stats:  # gathered over the tensor's bands by NAN_NORMS_PASS
         return nan_coefficients(ctx.stats["nan_squared_norms"].sqrt())
@@ -117,7 +118,8 @@ def _uses_tensor_norms(params: dict[str, Any]) -> bool:
 
 # Per-tensor NAN when a method runs band by band: each band's share of ‖x_i‖², summed by the engine.
 NAN_NORMS_PASS = StatsPass(
-    collect=lambda base, models, params, ctx: {"nan_squared_norms": squared_norms(base, models, params["nan_on"], ctx.name)},
+    collect=lambda base, models, params, ctx: {
+        "nan_squared_norms": squared_norms(base, models, params["nan_on"], ctx.name)},
     finish=lambda combined, params, ctx: {**(ctx.stats or {}), **combined},
     needed=_uses_tensor_norms,
 )

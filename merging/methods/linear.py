@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..native import ops
 from .coefficients import (
     COEFFICIENT_PARAMS,
     NAN_NORMS_PASS,
@@ -12,7 +13,6 @@ from .coefficients import (
     needs_model_norms,
     weights_known,
 )
-from ..native import ops
 from .registry import MergeMethod, Param, Preset, TensorContext, register
 
 WEIGHT = Param("weight", float, 1.0, "how much this model counts (negative values subtract it)", per_model=True)

@@ -7,7 +7,8 @@ import torch
 from .registry import MergeMethod, TensorContext, register
 
 
-def passthrough(base: torch.Tensor | None, models: list[torch.Tensor], params: dict, ctx: TensorContext) -> torch.Tensor:
+def passthrough(base: torch.Tensor | None, models: list[torch.Tensor], params: dict,
+                ctx: TensorContext) -> torch.Tensor:
     """θ = θ_1: the one input, unchanged.
 
     With ``slices`` the planner does the real work: it lays the chosen layer ranges of each source one after

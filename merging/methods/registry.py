@@ -7,8 +7,9 @@ README's table of methods. Adding a method is one function and one ``@register``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -59,7 +60,8 @@ class Param:
     def range_text(self) -> str:
         low = "-inf" if self.min is None else f"{self.min:g}"
         high = "inf" if self.max is None else f"{self.max:g}"
-        return f"{'(' if self.min_exclusive or self.min is None else '['}{low}, {high}{')' if self.max is None else ']'}"
+        opening = "(" if self.min_exclusive or self.min is None else "["
+        return f"{opening}{low}, {high}{')' if self.max is None else ']'}"
 
 
 @dataclass

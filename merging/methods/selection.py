@@ -16,7 +16,7 @@ whole tensor and selects directly, so the answer is always exact.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -97,7 +97,7 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
         starts = combined["start"].tolist()
         for i, cuts in enumerate(ctx.stats[key]):
             model_cuts = []
-            for j, (k, lo, hi) in enumerate(cuts):
+            for j, (k, _lo, _hi) in enumerate(cuts):
                 cand = combined[f"c{i}_{j}"]
                 above = int(combined[f"gt{i}_{j}"])
                 need = k - above  # how many of the candidates are kept
@@ -107,7 +107,8 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
                     model_cuts.append(Cut(k, -1.0, -1, {}))  # keep everything
                 elif 1 <= need <= cand.numel():
                     thr = float(torch.kthvalue(cand, cand.numel() - need + 1).values)
-                    model_cuts.append(_cut(k, thr, above + int((cand > thr).sum()), cand, combined[f"n{i}_{j}"], starts))
+                    kept_above = above + int((cand > thr).sum())
+                    model_cuts.append(_cut(k, thr, kept_above, cand, combined[f"n{i}_{j}"], starts))
                 else:
                     model_cuts.append(Cut(k, math.nan, 0, {}))  # bracket missed: resolved by the fallback pass
             result.append(model_cuts)

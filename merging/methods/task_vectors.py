@@ -20,11 +20,13 @@ any number of threads.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 
+from ..errors import ConfigError
+from ..native import ops, rng
 from .coefficients import (
     COEFFICIENT_PARAMS,
     NAN_NORMS_PASS,
@@ -34,8 +36,6 @@ from .coefficients import (
     ordered_sum,
     weights_known,
 )
-from ..errors import ConfigError
-from ..native import ops, rng
 from .registry import MergeMethod, Param, Preset, StatsPass, TensorContext, register
 from .selection import topk_passes
 
@@ -120,7 +120,8 @@ def della_keep_probabilities(tau: torch.Tensor, density: float, epsilon: float) 
 def check_della_bounds(density: float, epsilon: float, where: str) -> None:
     """DELLA's keep probabilities density ± ε must lie in (0, 1) (a density of 1 keeps everything)."""
     if density < 1 and (density - epsilon <= 0 or density + epsilon >= 1):
-        raise ConfigError(f"{where}: della needs 0 < density ± epsilon < 1, got density {density:g}, epsilon {epsilon:g}")
+        raise ConfigError(f"{where}: della needs 0 < density ± epsilon < 1, got density {density:g}, "
+                          f"epsilon {epsilon:g}")
 
 
 def validate_della(params: dict, where: str) -> None:
@@ -363,7 +364,8 @@ _register("ties", "trim each task vector to its largest entries, elect a sign pe
           TIES_PAPER, "magnitude", True,
           (_density("fraction of each task vector kept, by magnitude (the paper uses 0.2; 1 keeps all)"),),
           normalize=True, rescale=False,
-          presets=(Preset("paper", "top 20 %, λ = 1 (Yadav et al.)", {"density": 0.2, "lambda": 1.0, "normalize": True}),))
+          presets=(Preset("paper", "top 20 %, λ = 1 (Yadav et al.)",
+                          {"density": 0.2, "lambda": 1.0, "normalize": True}),))
 _register("dare_linear", "drop task-vector entries at random, rescale the survivors, add the weighted sum",
           DARE_PAPER, "random", False, (_density("keep probability of each entry (1 − the drop rate p)"),),
           normalize=False, rescale=True, presets=DARE_PRESETS)

@@ -7,7 +7,7 @@ and returns new tensors; the callers check ``usable`` first.
 from __future__ import annotations
 
 import ctypes
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

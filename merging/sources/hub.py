@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 from urllib.parse import urlsplit
 
 try:  # huggingface_hub >= 1.0 ships its HTTP client as httpx (2.x renamed it httpx2)

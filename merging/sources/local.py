@@ -96,7 +96,8 @@ def _open_pickle(label: str, files: list[Path], allow_pickle: bool, side: dict |
         try:
             state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # torch raises many types for a bad pickle
-            raise SourceError(f"{label}: {f.name} could not be loaded with weights_only=True ({exc.__class__.__name__})") from None
+            raise SourceError(f"{label}: {f.name} could not be loaded with weights_only=True "
+                              f"({exc.__class__.__name__})") from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict):

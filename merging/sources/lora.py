@@ -18,7 +18,8 @@ from .base import CheckpointSource, TensorSpec
 from .safetensors_files import LocalFile, SafetensorsCheckpoint
 
 _PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
 
 
 class LoraCheckpoint(CheckpointSource):
@@ -35,7 +36,8 @@ class LoraCheckpoint(CheckpointSource):
         weights = root / "adapter_model.safetensors"
         if not weights.is_file():
             if (root / "adapter_model.bin").is_file():
-                raise SourceError(f"{adapter_dir}: the adapter is a PyTorch pickle (adapter_model.bin); save it with safe_serialization=True")
+                raise SourceError(f"{adapter_dir}: the adapter is a PyTorch pickle (adapter_model.bin); save it "
+                                  "with safe_serialization=True")
             raise SourceError(f"{adapter_dir}: adapter_model.safetensors is missing")
         self._adapter = SafetensorsCheckpoint(adapter_dir, {"adapter_model.safetensors": LocalFile(str(weights))})
         self._cfg = cfg
@@ -49,7 +51,8 @@ class LoraCheckpoint(CheckpointSource):
             if m:
                 target = f"{m['module']}.weight"
                 if target not in base_specs:
-                    raise SourceError(f"{adapter_dir}: adapter targets {m['module']!r}, which the base {base.label} does not have")
+                    raise SourceError(f"{adapter_dir}: adapter targets {m['module']!r}, which the base "
+                                      f"{base.label} does not have")
                 entry = self._pairs.setdefault(target, {"module": m["module"]})
                 entry["A" if m["kind"].endswith("A") else "B"] = key
                 entry["embedding"] = "embedding" in m["kind"]
@@ -57,7 +60,7 @@ class LoraCheckpoint(CheckpointSource):
                 self._replaced[short] = key
             else:
                 raise SourceError(f"{adapter_dir}: adapter tensor {key!r} matches nothing in the base {base.label}")
-        for target, entry in self._pairs.items():
+        for entry in self._pairs.values():
             if "A" not in entry or "B" not in entry:
                 raise SourceError(f"{adapter_dir}: module {entry['module']!r} has only one of lora_A / lora_B")
 
@@ -87,7 +90,8 @@ class LoraCheckpoint(CheckpointSource):
         if rows is not None:
             delta = delta[rows[0]:rows[1]]
         if delta.shape != weight.shape:
-            raise SourceError(f"{self.label}: LoRA update for {name!r} has shape {list(delta.shape)}, the base tensor {list(weight.shape)}")
+            raise SourceError(f"{self.label}: LoRA update for {name!r} has shape {list(delta.shape)}, the base "
+                              f"tensor {list(weight.shape)}")
         rank = a.shape[0] if not entry["embedding"] else a.shape[0]
         return (weight.float() + self._scale(entry["module"], rank) * delta).to(weight.dtype)
 

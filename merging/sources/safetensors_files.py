@@ -61,7 +61,8 @@ class LocalFile(ByteReader):
         while done < len(buffer):
             n = os.preadv(self._fd, [buffer[done:]], offset + done)
             if n == 0:
-                raise SourceError(f"{self.label}: file ended early at byte {offset + done}; it was truncated or changed while reading")
+                raise SourceError(f"{self.label}: file ended early at byte {offset + done}; it was truncated or "
+                                  "changed while reading")
             done += n
 
     def close(self) -> None:
@@ -73,7 +74,8 @@ class LocalFile(ByteReader):
 class SafetensorsCheckpoint(CheckpointSource):
     """Tensors spread over safetensors files; ``weight_map`` says which file holds which tensor."""
 
-    def __init__(self, label: str, readers: dict[str, ByteReader], side_files: dict[str, callable] | None = None) -> None:
+    def __init__(self, label: str, readers: dict[str, ByteReader],
+                 side_files: dict[str, callable] | None = None) -> None:
         self.label = label
         self._readers = readers
         self._infos: dict[str, TensorInfo] = {}
@@ -82,7 +84,8 @@ class SafetensorsCheckpoint(CheckpointSource):
         self._read_bytes = 0
         self._lock = threading.Lock()
         for fname, reader in readers.items():
-            infos, _ = parse_header(reader.read_at, reader.size, f"{label}/{fname}" if len(readers) > 1 or fname else label)
+            where = f"{label}/{fname}" if len(readers) > 1 or fname else label
+            infos, _ = parse_header(reader.read_at, reader.size, where)
             for name, info in infos.items():
                 if name in self._infos:
                     raise SourceError(f"{label}: tensor {name!r} appears in both {self._where[name]} and {fname}")

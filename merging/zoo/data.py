@@ -14,9 +14,9 @@ Everything here is a pure function of (task, split, seed): the same arrays on ev
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 import torch

@@ -3,19 +3,20 @@ method's merge of the eight task fine-tunes, their average, and the normalized a
 (mean over tasks of merged accuracy / that task's individual fine-tune's accuracy).
 
 Merges go through the library (a config validated as ``parse_config`` validates it, run by ``run_merge`` with the
-registered methods; EMR's task models rebuilt by ``emr_cli.extract_task``), so a row is what
-``python -m merging merge`` gives for the same YAML; a method that is not registered (yet) is listed as n/a. Fisher merging and RegMean need data and run here directly.
+registered methods; EMR's task models rebuilt by ``emr_store.extract_task``), so a row is what
+``python -m merging merge`` gives for the same YAML; a method that is not registered (yet) is listed as n/a.
+Fisher merging and RegMean need data and run here directly.
 Every merged body is scored with each task's own head (the heads are never merged).
 """
 
 from __future__ import annotations
 
-import importlib
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -147,11 +148,7 @@ def emr_scores(zoo: Zoo, tasks: list[str], split: str = SPLIT, method: str = "em
                params: dict[str, Any] | None = None) -> tuple[dict[str, float], str]:
     """EMR-Merging through the CLI's path: merge into a folder, extract each task's model (``emr-extract``), score
     it on its own task. The heads are kept per task (``skip``), so they do not enter the rescalers."""
-    try:
-        emr_cli = importlib.import_module("merging.emr_cli")
-        extract_task = emr_cli.extract_task
-    except (ModuleNotFoundError, AttributeError):
-        raise _NotAvailable("merging.emr_cli.extract_task is not there yet") from None
+    from ..emr_store import extract_task
     from ..engine import run_merge
 
     config = zoo_config(zoo, method, params if params is not None else {"skip": ["head."]}, tasks=tasks)

@@ -13,9 +13,9 @@ single-threaded with ``torch.use_deterministic_algorithms(True)``, so the same s
 from __future__ import annotations
 
 import contextlib
-import threading
 import math
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +40,7 @@ class Steps:
     fine_tune: int = 400
     mlp: int = 800
 
-    def scaled(self, factor: float) -> "Steps":
+    def scaled(self, factor: float) -> Steps:
         return Steps(*(max(1, int(round(v * factor))) for v in (self.pretrain, self.probe, self.fine_tune, self.mlp)))
 
 
