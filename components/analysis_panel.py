@@ -1,7 +1,7 @@
 """Analyze: the diagnostics of a merge config as charts, with a progress bar; exact, or sampled for big models.
 
 ``merging.analysis`` computes the statistics (one streaming pass, or sampled rows read by range requests);
-``components.charts`` turns them into Plotly figures. This panel only calls the two and lays the figures out.
+``merging.charts`` turns them into Plotly figures. This panel only calls the two and lays the figures out.
 """
 
 import json
@@ -34,7 +34,7 @@ def analyze_config(config: MergeConfig, settings: AppSettings, *, token: str | N
 
 def figures_for(stats: dict) -> list:
     """Every chart the charts module builds for these statistics, in its order."""
-    from components import charts
+    from merging import charts
 
     return list(charts.all_figures(stats))
 

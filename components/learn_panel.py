@@ -26,13 +26,13 @@ import gradio as gr
 import torch
 
 from merging.errors import MergeError
+from merging.zoo import charts as learn_charts
 from merging.zoo import learn
 from merging.zoo.data import TASKS
 from merging.zoo.eval import Zoo, accuracy, average
 from merging.zoo.model import HEAD_PREFIX, build_model
 from merging.zoo.train import single_thread
 
-from . import learn_charts
 from .common import user_errors
 
 DEFAULT_LAMBDA = 0.3  # the table's task arithmetic row

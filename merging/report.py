@@ -1,7 +1,7 @@
 """The standalone HTML report of an analysis: one file, plotly.js inlined, so it opens offline.
 
-The charts come from ``components.charts`` (pure Plotly, no Gradio), imported when a report is written so that
-the rest of ``merging`` never needs plotly. The first figure carries the whole plotly.js bundle
+The charts come from ``merging.charts`` (pure Plotly), imported when a report is written so that the rest of
+``merging`` never needs plotly. The first figure carries the whole plotly.js bundle
 (``include_plotlyjs=True``, about 4.5 MB); the others reuse it.
 """
 
@@ -15,14 +15,9 @@ from .errors import MergeError
 
 
 def _charts():
-    """``components.charts``, found beside this package when the repository root is not on the path."""
-    try:
-        from components import charts
-    except ImportError:
-        import sys
+    """``merging.charts``, imported on first use: plotly is loaded only when a report is written."""
+    from . import charts
 
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from components import charts
     return charts
 
 

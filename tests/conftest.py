@@ -3,6 +3,7 @@
 
 import pytest
 from checkpoints import write_family
+from hub_world import clear_ambient_token, hub_world
 
 
 @pytest.fixture
@@ -30,3 +31,15 @@ def chromium():  # not named `browser`/`page`: pytest-playwright's fixtures of t
         launched = launch_chromium(p)
         yield launched
         launched.close()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The fake-Hub world of tests/hub_world.py, one per test module that asks for it."""
+    with hub_world(tmp_path_factory.mktemp("hubworld")) as built:
+        yield built
+
+
+@pytest.fixture
+def no_ambient_token(monkeypatch, tmp_path, world):
+    clear_ambient_token(monkeypatch, tmp_path, world)

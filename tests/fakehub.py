@@ -19,82 +19,18 @@ the middle of a response (``drop_once``) or answer with a 5xx a few times (``fai
 
 from __future__ import annotations
 
-import hashlib
 import json
 import socket
-import struct
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+from fakehub_repo import LFS_SUFFIXES, FakeRepo, blob_oid, file_names, safetensors_parameters, sha256_of
+
 CHUNK = 64 * 1024
 
-
-@dataclass
-class FakeRepo:
-    repo_id: str
-    revisions: dict[str, Path]  # revision name -> folder
-    downloads: int = 0
-    likes: int = 0
-    tags: list[str] = field(default_factory=list)
-    base_models: list[str] = field(default_factory=list)
-    relation: str = "finetune"
-    gated_token: str | None = None  # files need this token (model info stays public, as on the Hub)
-    private_token: str | None = None  # everything needs this token
-    pipeline_tag: str = "text-generation"
-
-    def sha(self, revision: str) -> str:
-        return hashlib.sha1(f"{self.repo_id}@{revision}".encode()).hexdigest()
-
-    def folder(self, revision: str) -> tuple[str, Path] | None:
-        """(commit sha, folder) for a branch name or a commit sha."""
-        if revision in self.revisions:
-            return self.sha(revision), self.revisions[revision]
-        for name, folder in self.revisions.items():
-            if self.sha(name) == revision:
-                return revision, folder
-        return None
-
-    def all_tags(self) -> list[str]:
-        tags = list(self.tags) + ["transformers", "safetensors", self.pipeline_tag]
-        for base in self.base_models:
-            tags += [f"base_model:{base}", f"base_model:{self.relation}:{base}"]
-        return list(dict.fromkeys(tags))
-
-
-def _files(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
-def _blob_oid(path: Path) -> str:
-    data = path.read_bytes()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _safetensors_parameters(folder: Path) -> dict[str, int]:
-    counts: Counter = Counter()
-    for name in _files(folder):
-        if not name.endswith(".safetensors"):
-            continue
-        with open(folder / name, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for key, entry in header.items():
-            if key != "__metadata__":
-                numel = 1
-                for d in entry["shape"]:
-                    numel *= d
-                counts[entry["dtype"]] += numel
-    return dict(counts)
 
 
 class FakeHub:
@@ -268,7 +204,7 @@ class _Handler(BaseHTTPRequestHandler):
     # ----- API -----
     def _summary(self, repo: FakeRepo, expand: list[str] | None) -> dict:
         sha, folder = repo.folder("main")
-        params = _safetensors_parameters(folder)
+        params = safetensors_parameters(folder)
         full = {
             "_id": sha[:24], "id": repo.repo_id, "modelId": repo.repo_id, "author": repo.repo_id.split("/")[0],
             "sha": sha, "downloads": repo.downloads, "likes": repo.likes, "tags": repo.all_tags(),
@@ -276,7 +212,7 @@ class _Handler(BaseHTTPRequestHandler):
             "private": repo.private_token is not None,
             "gated": "manual" if repo.gated_token else False, "createdAt": "2024-01-01T00:00:00.000Z",
             "lastModified": "2024-01-02T00:00:00.000Z",
-            "siblings": [{"rfilename": f} for f in _files(folder)],
+            "siblings": [{"rfilename": f} for f in file_names(folder)],
             "cardData": {"base_model": repo.base_models} if repo.base_models else {},
         }
         if params:
@@ -312,15 +248,15 @@ class _Handler(BaseHTTPRequestHandler):
         sha, folder = found
         info = self._summary(repo, None)
         info.update(self._summary(repo, ["sha", "siblings", "safetensors", "gated", "cardData", "lastModified"]))
-        params = _safetensors_parameters(folder)
+        params = safetensors_parameters(folder)
         info["sha"] = sha
-        info["siblings"] = [{"rfilename": f} for f in _files(folder)]
+        info["siblings"] = [{"rfilename": f} for f in file_names(folder)]
         if blobs:  # files_metadata=True: sizes, git oids, LFS info
             for sib in info["siblings"]:
                 p = folder / sib["rfilename"]
-                sib.update(size=p.stat().st_size, blobId=_blob_oid(p))
+                sib.update(size=p.stat().st_size, blobId=blob_oid(p))
                 if sib["rfilename"].endswith(LFS_SUFFIXES):
-                    sib["lfs"] = {"size": p.stat().st_size, "sha256": _sha256(p), "pointerSize": 134}
+                    sib["lfs"] = {"size": p.stat().st_size, "sha256": sha256_of(p), "pointerSize": 134}
         info["safetensors"] = {"parameters": params, "total": sum(params.values())} if params else None
         if info["safetensors"] is None:
             del info["safetensors"]
@@ -334,7 +270,7 @@ class _Handler(BaseHTTPRequestHandler):
         recursive = (query.get("recursive") or ["false"])[0].lower() == "true"
         prefix = path.strip("/") + "/" if path.strip("/") else ""
         entries, dirs = [], set()
-        for name in _files(folder):
+        for name in file_names(folder):
             if not name.startswith(prefix):
                 continue
             rest = name[len(prefix):]
@@ -342,9 +278,9 @@ class _Handler(BaseHTTPRequestHandler):
                 dirs.add(prefix + rest.split("/")[0])
                 continue
             p = folder / name
-            entry = {"type": "file", "oid": _blob_oid(p), "size": p.stat().st_size, "path": name}
+            entry = {"type": "file", "oid": blob_oid(p), "size": p.stat().st_size, "path": name}
             if name.endswith(LFS_SUFFIXES):
-                entry["lfs"] = {"oid": _sha256(p), "size": p.stat().st_size, "pointerSize": 134}
+                entry["lfs"] = {"oid": sha256_of(p), "size": p.stat().st_size, "pointerSize": 134}
             entries.append(entry)
         entries += [{"type": "directory", "oid": "0" * 40, "size": 0, "path": d} for d in sorted(dirs)]
         self._json(entries)
@@ -365,12 +301,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         size = path.stat().st_size
         if filename.endswith(LFS_SUFFIXES):
-            etag = _sha256(path)
+            etag = sha256_of(path)
             signature = f"g{self.hub.signature_generation}"
             location = f"{self.hub.cdn_url}/{quote(repo.repo_id)}/{sha}/{quote(filename)}?X-Signature={signature}"
             return self._send(302, b"", {"Location": location, "X-Repo-Commit": sha, "ETag": f'"{etag}"',
                                          "X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(size)}, "text/plain")
-        self._serve_file(repo.repo_id, filename, path, {"X-Repo-Commit": sha, "ETag": f'"{_blob_oid(path)}"'})
+        self._serve_file(repo.repo_id, filename, path, {"X-Repo-Commit": sha, "ETag": f'"{blob_oid(path)}"'})
 
     def _cdn(self) -> None:
         if self._token() is not None:
@@ -389,7 +325,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, None, "Not Found")
         if self._inject_failure(repo.repo_id, filename):
             return
-        self._serve_file(repo.repo_id, filename, found[1] / filename, {"ETag": f'"{_sha256(found[1] / filename)}"'})
+        self._serve_file(repo.repo_id, filename, found[1] / filename, {"ETag": f'"{sha256_of(found[1] / filename)}"'})
 
     def _inject_failure(self, repo_id: str, filename: str) -> bool:
         with self.hub._lock:

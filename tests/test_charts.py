@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 import pytest
 from checkpoints import write_family
 
-from components import charts
+from merging import charts
 from merging.analysis import analyze
 from merging.config import parse_config
 from merging.report import report_html, write_report

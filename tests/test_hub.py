@@ -14,18 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from checkpoints import load_folder, save_checkpoint, write_family
-from fakehub import FakeHub
+from checkpoints import load_folder
+from hub_world import SECRET, file_bytes, resolver, ta_config, total_size
 
-from merging import MergeError, SourceError, parse_config, run_merge
+from merging import SourceError, parse_config, run_merge
 from merging.hub import (
     fine_tunes_of,
-    hub_model_card,
-    hub_resolver,
     parse_ref,
     preflight,
-    push_merge,
     resolve_token,
     search_models,
 )
@@ -33,68 +29,8 @@ from merging.safetensors_io import read_local_header
 from merging.sources.hub import HEADER_PREFETCH, HubCheckpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-SECRET = "hf_TestSecretToken0123456789abcdefXYZ"
-DIMS = dict(hidden=128, intermediate=512, vocab=2048, layers=2)  # about 4.2 MB per checkpoint
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Checkpoints on disk and the same checkpoints as repos on a fake Hub."""
-    root = tmp_path_factory.mktemp("hubworld")
-    base, (ft0, ft1, ft2) = write_family(root / "models", n_models=3, **DIMS)
-    sharded = save_checkpoint(root / "ft1-sharded", load_folder(ft1), yaml.safe_load((ft1 / "config.json").read_text()),
-                              shards=3)
-    # Many Hub repos carry a pickle copy and training files next to the safetensors: never downloaded.
-    (ft0 / "pytorch_model.bin").write_bytes(b"\0" * 1000)
-    (ft0 / "training_args.bin").write_bytes(b"\0" * 100)
-    _, (small,) = write_family(root / "small", n_models=1, hidden=64, intermediate=128, vocab=2048, layers=2)
-    pickled = root / "pickled"
-    pickled.mkdir()
-    (pickled / "pytorch_model.bin").write_bytes(b"\0" * 100)
-    hub = FakeHub()
-    hub.add_repo("acme/base", base, downloads=900, likes=5)
-    hub.add_repo("acme/ft0", ft0, downloads=300, base_models=["acme/base"], revisions={"v2": ft2})
-    hub.add_repo("acme/ft1", sharded, downloads=500, base_models=["acme/base"])
-    hub.add_repo("acme/ft-lora", ft2, downloads=700, base_models=["acme/base"], relation="adapter")
-    hub.add_repo("acme/gated", ft2, downloads=10, base_models=["acme/base"], gated_token=SECRET)
-    hub.add_repo("other/small", small, downloads=50, base_models=["other/base"])
-    hub.add_repo("acme/pickled", pickled, downloads=20)
-    with hub:
-        yield dict(hub=hub, base=base, ft0=ft0, ft1=ft1, ft1_sharded=sharded, ft2=ft2, root=root)
-
-
-@pytest.fixture(autouse=True)
-def no_ambient_token(monkeypatch, tmp_path, world):
-    """No HF_TOKEN and no stored login leak in from the machine; counters start at zero."""
-    import huggingface_hub.constants as constants
-
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "MERGESCOPE_HF_ENDPOINT"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    world["hub"].reset_counts()
-
-
-def resolver(world, **kw):
-    return hub_resolver(endpoint=world["hub"].url, backoff_s=0.01, **kw)
-
-
-def ta_config(base: str, a: str, b: str) -> str:
-    return f"""
-merge_method: task_arithmetic
-base_model: {base}
-models:
-  - {{model: {a}, parameters: {{weight: 0.6}}}}
-  - {{model: {b}, parameters: {{weight: [0.2, 0.9]}}}}
-parameters: {{lambda: 0.8}}
-"""
-
-
-def file_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
-
-
-def total_size(*folders: Path) -> int:
-    return sum(p.stat().st_size for f in folders for p in f.glob("*.safetensors"))
+pytestmark = pytest.mark.usefixtures("no_ambient_token")
 
 
 # ----- references and tokens -----
@@ -399,75 +335,3 @@ def test_gated_repo_needs_the_token_which_never_leaks(world, tmp_path, monkeypat
     monkeypatch.setenv("HF_TOKEN", wrong)
     pf = preflight(cfg, token=SECRET, endpoint=hub.url)
     assert pf.compatible and SECRET not in repr(pf.to_dict())
-
-
-# ----- push -----
-class RecordingHfApi:
-    """Stand-ins for HfApi.create_repo and HfApi.upload_folder.
-
-    Uploading needs the Hub's commit and LFS/Xet protocols, which cannot exist offline; these two client methods
-    are the one boundary replaced. They record what they were asked, and the folder's content at that moment."""
-
-    def __init__(self, monkeypatch):
-        from huggingface_hub import HfApi, RepoUrl
-
-        self.calls: list[tuple] = []
-        recorder = self
-
-        def create_repo(api, repo_id, *, private=None, exist_ok=False, repo_type=None, **kw):
-            recorder.calls.append(("create_repo", repo_id, private, exist_ok, repo_type, api.token))
-            return RepoUrl(f"{api.endpoint}/{repo_id}", endpoint=api.endpoint)
-
-        def upload_folder(api, *, repo_id, folder_path, **kw):
-            files = {p.relative_to(folder_path).as_posix(): p.read_bytes()
-                     for p in Path(folder_path).rglob("*") if p.is_file()}
-            recorder.calls.append(("upload_folder", repo_id, files, api.token))
-            return None
-
-        monkeypatch.setattr(HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-
-
-def test_push_creates_the_repo_and_uploads_the_folder_with_its_card(world, tmp_path, monkeypatch):
-    hub = world["hub"]
-    monkeypatch.setenv("HF_TOKEN", SECRET)
-    cfg = parse_config(ta_config("acme/base", "acme/ft0@v2", "acme/gated"))
-    run_merge(cfg, tmp_path / "merged", resolver=resolver(world))
-    api = RecordingHfApi(monkeypatch)
-    url = push_merge(tmp_path / "merged", "me/merged-model", private=True, endpoint=hub.url)
-    assert url == f"{hub.url}/me/merged-model"
-    (create, repo_id, private, exist_ok, repo_type, tok), (upload, up_repo, files, up_tok) = api.calls
-    assert (create, repo_id, private, exist_ok, repo_type) == ("create_repo", "me/merged-model", True, True, "model")
-    assert (upload, up_repo) == ("upload_folder", "me/merged-model")
-    assert tok == up_tok == SECRET  # the client authenticates with it...
-    for name, data in files.items():  # ...but no uploaded file holds it
-        assert SECRET.encode() not in data, name
-    assert {"model.safetensors", "config.json", "merge_config.yml", "README.md"} <= set(files)
-    assert files["model.safetensors"] == (tmp_path / "merged" / "model.safetensors").read_bytes()
-    front = yaml.safe_load(files["README.md"].decode().split("---")[1])
-    assert front["base_model"] == ["acme/base", "acme/ft0", "acme/gated"]  # every input, as Hub repo ids
-    assert "merge" in front["tags"]
-    assert "acme/ft0@v2" in yaml.safe_dump(yaml.safe_load(files["merge_config.yml"]))  # the exact revision merged
-
-
-def test_push_refuses_a_folder_holding_the_token_and_needs_one(world, tmp_path, monkeypatch):
-    run_merge(parse_config(ta_config(str(world["base"]), str(world["ft0"]), str(world["ft1"]))), tmp_path / "merged")
-    api = RecordingHfApi(monkeypatch)
-    with pytest.raises(MergeError, match="pushing needs a token"):
-        push_merge(tmp_path / "merged", "me/m", endpoint=world["hub"].url)
-    (tmp_path / "merged" / "notes.txt").write_text(f"token={SECRET}\n")
-    with pytest.raises(MergeError) as err:
-        push_merge(tmp_path / "merged", "me/m", token=SECRET, endpoint=world["hub"].url)
-    assert str(err.value) == "notes.txt: contains the Hub token; refusing to upload it"
-    assert api.calls == []
-    with pytest.raises(SourceError, match="not a Hub repo id"):
-        push_merge(tmp_path / "merged", "me/../m", token=SECRET, endpoint=world["hub"].url)
-
-
-def test_model_card_base_model_becomes_hub_repo_ids():
-    card = "---\nbase_model:\n- acme/base@v1\n- /tmp/local/ft\n- acme/ft\ntags:\n- merge\n---\n\n# Merged\n"
-    fixed = hub_model_card(card)
-    front = yaml.safe_load(fixed.split("---")[1])
-    assert front == {"base_model": ["acme/base", "acme/ft"], "tags": ["merge"]}
-    assert fixed.endswith("---\n\n# Merged\n")
-    assert hub_model_card(fixed) == fixed

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from components import learn_charts
 from components import learn_panel as lp
 from merging.errors import MergeError
+from merging.zoo import charts as learn_charts
 from merging.zoo import learn
 
 pytestmark = pytest.mark.skipif(not lp.zoo_available(), reason="the committed zoo (assets/zoo) is missing")
@@ -138,7 +138,7 @@ def test_learn_handlers_leave_torch_threads_as_they_were():
 
 
 def test_chart_builders_do_not_import_gradio():
-    code = "import sys, components.learn_charts; assert 'gradio' not in sys.modules, 'gradio imported'"
+    code = "import sys, merging.zoo.charts; assert 'gradio' not in sys.modules, 'gradio imported'"
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from .charts import LAYOUT, NEUTRAL, model_colors
+from ..charts import LAYOUT, NEUTRAL, model_colors
 
 PERCENT_AXIS = dict(range=[0, 100], ticksuffix=" %")
 STEP_LABELS = {"elect": "elect (τ_uni only)", "elect+mask": "elect + mask", "elect+rescale": "elect + rescale",

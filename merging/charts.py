@@ -1,5 +1,7 @@
 """Pure functions from the analysis statistics (``merging.analysis``, schema in its ``JSON_SCHEMA_DOC``) to Plotly
-figures. No Gradio here: the app's panels and the standalone HTML report (``merging.report``) both use them.
+figures. No Gradio here: the app's panels place them, and the standalone HTML report (``merging.report``) embeds
+them. Only this module and ``merging.zoo.charts`` import plotly, and nothing in the library imports them at import
+time: a merge or an analysis never loads plotly.
 
 Every chart reads the per-group statistics (embeddings, layer 0 … L−1, head, other) in model order, gives each
 model the same colour everywhere (``model_colors``), and puts exact values in the hover text. In sampled mode,

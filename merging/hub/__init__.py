@@ -1,0 +1,28 @@
+"""The Hugging Face Hub: find checkpoints, check a merge before downloading anything, stream from it, push to it.
+
+- Model references: a config may name ``org/name`` or ``org/name@revision`` (a branch, tag or commit); a local
+  path wins when it exists. ``parse_ref`` validates them strictly before any request is made.
+- Tokens: an explicit argument (the app's OAuth login), else ``HF_TOKEN``, else huggingface_hub's stored login
+  (``resolve_token``). A token is sent only as an ``Authorization`` header to the Hub; it never appears in a log,
+  an error message, a model card, a config or any file we write (``push_merge`` checks the folder before upload).
+- Endpoint: the ``endpoint`` argument, else ``MERGESCOPE_HF_ENDPOINT``, else ``HF_ENDPOINT``, read at call time
+  (huggingface_hub reads ``HF_ENDPOINT`` only once, at import).
+- Search: ``search_models`` (free text) and ``fine_tunes_of`` (the Hub's ``base_model`` relations), sorted by
+  downloads, with parameter counts and whether safetensors weights exist.
+- Pre-flight: ``preflight`` opens every input by its safetensors headers only (a few KB per file), runs the
+  engine's plan and compatibility check, and estimates the bytes a merge reads, the disk and peak memory it
+  needs, and its time.
+- Streaming: ``hub_resolver`` gives ``run_merge``/``open_sources`` a way to open repo ids, by HTTP range requests
+  (merging/sources/hub.py) or, with ``cache=True``, from the huggingface_hub cache.
+- Push: ``push_merge`` creates the repo (``exist_ok``) and uploads the finished folder with its model card.
+"""
+
+from .preflight import ModelSummary, Preflight, preflight
+from .push import hub_model_card, push_merge
+from .refs import DEFAULT_ENDPOINT_ENV, HubRef, parse_ref, resolve_endpoint, resolve_token, scrub
+from .resolver import hub_resolver
+from .search import HubModel, fine_tunes_of, search_models
+
+__all__ = ["DEFAULT_ENDPOINT_ENV", "HubModel", "HubRef", "ModelSummary", "Preflight", "fine_tunes_of",
+           "hub_model_card", "hub_resolver", "parse_ref", "preflight", "push_merge", "resolve_endpoint",
+           "resolve_token", "scrub", "search_models"]
