@@ -61,8 +61,8 @@ def build_app(settings: AppSettings | None = None, sessions: SessionStore | None
         api.build_api(settings, sessions)
 
         config_form = method_form.ConfigForm(picker, form)
-        method_form.wire_method_form(config_form)
-        model_picker.wire_model_picker(picker, settings, sessions, demo, config_form.resync)
+        resync_form = method_form.wire_method_form(config_form)
+        model_picker.wire_model_picker(picker, settings, sessions, demo, resync_form)
         preflight.wire_preflight(pre_button, pre_out, form.yaml, settings, sessions)
         analysis_panel.wire_analysis_panel(analysis, form.yaml, settings, sessions)
         merge_panel.wire_merge_panel(merge, form.yaml, settings, sessions)

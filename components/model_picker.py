@@ -18,19 +18,10 @@ from merging.methods import REGISTRY
 from merging.safetensors_io import read_local_header
 
 from .common import AppSettings, hf_token, human_bytes, user_errors
+from .form_state import MAX_MODEL_ROWS, first_empty_row, per_model_params
 from .sessions import SessionStore
 
-MAX_MODELS = 10
-
-
-def per_model_params() -> dict[str, object]:
-    """Every per-model parameter any registered method has, by name (the first method's Param wins)."""
-    found: dict[str, object] = {}
-    for method in REGISTRY.values():
-        for p in method.params:
-            if p.per_model and p.name not in found:
-                found[p.name] = p
-    return found
+MAX_MODELS = MAX_MODEL_ROWS  # the model rows the page holds (the state itself takes any number)
 
 
 @dataclass
@@ -51,27 +42,9 @@ class ModelPicker:
     upload: gr.File
     buttons: dict[str, gr.Button]
 
-    def slot_components(self) -> list[gr.components.Component]:
-        """Slot inputs in a fixed order: each slot's model field, then its parameter fields by name."""
-        out: list = []
-        for slot in self.slots:
-            out.append(slot.model)
-            out += [slot.fields[name] for name in sorted(slot.fields)]
-        return out
-
-    def read_slots(self, values: list) -> list[tuple[str, dict[str, float]]]:
-        """(model, {param: value}) for every slot, empty ones included, from slot_components()' values."""
-        names = sorted(self.slots[0].fields)
-        width = 1 + len(names)
-        rows = []
-        for i in range(len(self.slots)):
-            chunk = values[i * width:(i + 1) * width]
-            rows.append(((chunk[0] or "").strip(), dict(zip(names, chunk[1:]))))
-        return rows
-
 
 def build_model_picker(demo: DemoModels, settings: AppSettings) -> ModelPicker:
-    """The picker's components, filled with the demo models (see method_form for how they become a config)."""
+    """The picker's components, filled with the demo models (form_state says how they become a config)."""
     params = per_model_params()
     demo_models = list(demo.models.values())
     with gr.Group():
@@ -122,39 +95,43 @@ def _per_model_names(method_name: str) -> set[str]:
 
 def wire_model_picker(picker: ModelPicker, settings: AppSettings, sessions: SessionStore, demo: DemoModels,
                       on_models_changed) -> None:
-    """Events of the picker itself. ``on_models_changed(trigger)`` attaches the form's resync to a dependency."""
+    """Events of the picker itself. ``on_models_changed(trigger)`` attaches the form's resync to a dependency.
+
+    Like the method form's, these handlers take a set of inputs (one dict {component: value}) and return
+    {component: update}: a model goes to the first empty row by looking the rows up, not by argument position.
+    """
     slot_models = [s.model for s in picker.slots]
+    found = [picker.search_results, picker.status]
 
     @user_errors
     def search(query: str, oauth_token: gr.OAuthToken | None = None):
         results = hub.search_models(query or "", limit=30, token=hf_token(oauth_token))
-        return gr.update(choices=[_result_label(r) for r in results], value=None), f"{len(results)} models found"
+        return {picker.search_results: gr.update(choices=[_result_label(r) for r in results], value=None),
+                picker.status: f"{len(results)} models found"}
 
     @user_errors
     def finetunes(base_ref: str, oauth_token: gr.OAuthToken | None = None):
         if not base_ref.strip():
             raise gr.Error("Enter a base model (a Hub repo id) first")
         results = hub.fine_tunes_of(base_ref.strip(), limit=30, token=hf_token(oauth_token))
-        return gr.update(choices=[_result_label(r) for r in results], value=None), \
-            f"{len(results)} fine-tunes of `{base_ref.strip()}`"
+        return {picker.search_results: gr.update(choices=[_result_label(r) for r in results], value=None),
+                picker.status: f"{len(results)} fine-tunes of `{base_ref.strip()}`"}
 
-    def add_result(choice: str, *models: str):
-        repo = (choice or "").split(" ")[0]
+    def add_result(values: dict) -> dict:
+        repo = (values[picker.search_results] or "").split(" ")[0]
         if not repo:
             raise gr.Error("Pick a search result first")
-        models = list(models)
-        for i, current in enumerate(models):
-            if not current.strip():
-                models[i] = repo
-                return [gr.update(value=m) for m in models]
-        raise gr.Error(f"All {MAX_MODELS} model slots are used")
+        free = first_empty_row([values[m] for m in slot_models])
+        if free is None:
+            raise gr.Error(f"All {MAX_MODELS} model slots are used")
+        return {slot_models[free]: repo}
 
     @user_errors
-    def upload(request: gr.Request, files: list[str] | None, *models: str):
-        # gr.Request first: Gradio injects special arguments by position, which *models would swallow.
-        models = list(models)
+    def upload(values: dict, request: gr.Request) -> dict:
+        files = values[picker.upload]
         if not files:
-            return [gr.update() for _ in models] + [""]
+            return {picker.status: ""}
+        refs = [values[m] for m in slot_models]
         session = sessions.get(request.session_hash)
         target = session.folder / "uploads"
         target.mkdir(exist_ok=True)
@@ -166,29 +143,27 @@ def wire_model_picker(picker: ModelPicker, settings: AppSettings, sessions: Sess
             read_local_header(path)  # a SourceError names the file when it is not safetensors
             dest = target / path.name
             shutil.copyfile(path, dest)
-            free = next((i for i, m in enumerate(models) if not m.strip()), None)
+            free = first_empty_row(refs)
             if free is None:
                 raise gr.Error(f"All {MAX_MODELS} model slots are used")
-            models[free] = str(dest)
+            refs[free] = str(dest)
             added.append(path.name)
-        return [gr.update(value=m) for m in models] + [f"uploaded: {', '.join(added)}"]
+        filled = {comp: ref for comp, ref in zip(slot_models, refs) if ref != values[comp]}
+        return filled | {picker.status: f"uploaded: {', '.join(added)}"}
 
-    def load_demo():
+    def load_demo() -> dict:
         demo_models = list(demo.models.values())
-        return [gr.update(value=demo.base)] + [gr.update(value=demo_models[i] if i < len(demo_models) else "")
-                                               for i in range(MAX_MODELS)]
+        return {picker.base: demo.base} | {comp: demo_models[i] if i < len(demo_models) else ""
+                                           for i, comp in enumerate(slot_models)}
 
-    picker.buttons["search"].click(search, picker.search_box, [picker.search_results, picker.status],
-                                   api_visibility="private")
-    picker.search_box.submit(search, picker.search_box, [picker.search_results, picker.status],
-                             api_visibility="private")
-    picker.buttons["finetunes"].click(finetunes, picker.base, [picker.search_results, picker.status],
-                                      api_visibility="private")
-    on_models_changed(picker.buttons["add"].click(add_result, [picker.search_results, *slot_models], slot_models,
+    picker.buttons["search"].click(search, picker.search_box, found, api_visibility="private")
+    picker.search_box.submit(search, picker.search_box, found, api_visibility="private")
+    picker.buttons["finetunes"].click(finetunes, picker.base, found, api_visibility="private")
+    on_models_changed(picker.buttons["add"].click(add_result, {picker.search_results, *slot_models}, slot_models,
                                                   api_visibility="private"))
     on_models_changed(picker.buttons["as_base"].click(lambda c: (c or "").split(" ")[0], picker.search_results,
                                                       picker.base, api_visibility="private"))
-    on_models_changed(picker.upload.upload(upload, [picker.upload, *slot_models], [*slot_models, picker.status],
+    on_models_changed(picker.upload.upload(upload, {picker.upload, *slot_models}, [*slot_models, picker.status],
                                            api_visibility="private"))
     on_models_changed(picker.demo_button.click(load_demo, None, [picker.base, *slot_models], api_visibility="private"))
 

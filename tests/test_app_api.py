@@ -161,12 +161,9 @@ def _form(demo):
     return ConfigForm(picker, form)
 
 
-def _apply(values: list, updates: list) -> list:
-    """The values the form holds after Gradio applies ``updates`` to value_outputs() (everything but the YAML)."""
-    out = [values[0]]
-    for old, upd in zip(values[1:], updates):
-        out.append(upd["value"] if isinstance(upd, dict) and "value" in upd else old)
-    return out
+def _apply(values: dict, updates: dict) -> dict:
+    """The values the form's components hold after Gradio applies ``updates`` ({component: update}) to them."""
+    return {comp: updates[comp]["value"] if "value" in updates.get(comp, {}) else old for comp, old in values.items()}
 
 
 def test_every_registered_method_is_in_the_form_with_its_schema(tmp_path):
@@ -202,20 +199,23 @@ def test_yaml_round_trips_through_the_form_in_mergekit_format(tmp_path):
         "parameters": {"lambda": 0.9, "normalize": True, "coefficients": "nan"},
         "out_dtype": "bfloat16", "seed": 7, "tokenizer_source": "base",
     }, sort_keys=False)
-    values = [text] + [c.value for c in cf.value_outputs()]
-    updates, notes = cf.from_dict(yaml.safe_load(text), cf.read(values))
+    from components.form_state import config_from_form, dump_yaml, form_from_config
+
+    values = {c: c.value for c in cf.inputs()} | {cf.form.yaml: text}  # what the components hold, by component
+    shown, notes = form_from_config(yaml.safe_load(text), cf.read(values))
+    applied = _apply(values, cf.value_updates(shown, values))  # the form after the YAML edit
     assert any("density" in n for n in notes)  # the per-layer list cannot show in a number field
-    round_tripped = cf.to_dict(cf.read(_apply(values, updates)))
+    round_tripped = config_from_form(cf.read(applied), cf.current_config(applied))
     assert round_tripped == yaml.safe_load(text) | {"models": [
         {"model": refs[0], "parameters": {"weight": 0.7, "density": [0.2, 0.6]}},
         {"model": refs[1], "parameters": {"weight": 0.3, "density": 0.5}}]}
-    parse_config(cf.to_yaml(cf.read(_apply(values, updates))))  # still a valid config
+    parse_config(dump_yaml(config_from_form(cf.read(applied), cf.current_config(applied))))  # still a valid config
 
     # A form edit (λ, a weight) changes only those keys; everything else survives.
-    edited = cf.read(_apply(values, updates))
-    edited.globals["dare_ties"]["lambda"] = 0.5
-    edited.slots[1][1]["weight"] = 0.4
-    out = cf.to_dict(edited)
+    edited = cf.read(applied)
+    edited.global_params["dare_ties"]["lambda"] = 0.5
+    edited.models[1].params["weight"] = 0.4
+    out = config_from_form(edited, cf.current_config(applied))
     assert out["parameters"]["lambda"] == 0.5 and out["models"][1]["parameters"]["weight"] == 0.4
     assert out["models"][0]["parameters"]["density"] == [0.2, 0.6] and out["tokenizer_source"] == "base"
 
