@@ -7,6 +7,8 @@ be the same bytes, band by band and whole.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import shutil
 import subprocess
@@ -25,7 +27,7 @@ from checkpoints import (
 
 from merging import native, parse_config, run_merge
 from merging.methods.registry import TensorContext
-from merging.native import ops, rng
+from merging.native import abi, ops, rng
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -169,3 +171,64 @@ def test_without_a_compiler_the_torch_path_merges_the_same_bytes(family, tmp_pat
     run_merge(parse_config(cfg.read_text()), tmp_path / "fast")
     plain, fast = load_folder(tmp_path / "plain"), load_folder(tmp_path / "fast")
     assert all(torch.equal(plain[k], fast[k]) for k in fast)
+
+
+@needs_compiler
+def test_the_python_structs_are_the_c_structs():
+    lib = native.library()
+    assert lib is not None, native.why_not()
+    assert abi.mismatches(lib) == []
+    for struct in abi.STRUCTS:
+        assert lib.ms_sizeof(struct.c_name.encode()) == ctypes.sizeof(struct), struct.c_name
+    assert {struct for struct, _, _ in abi.KERNELS.values()} <= set(abi.STRUCTS)
+
+
+@needs_compiler
+def test_a_struct_out_of_step_with_c_is_refused(monkeypatch, caplog):
+    lib = native.library()
+    fields = abi.TaskVectorsArgs._fields_
+
+    class Swapped(abi.KernelArgs):  # the same size, two fields in the wrong order
+        c_name = "ms_task_vectors_args"
+        _fields_ = [fields[1], fields[0], *fields[2:]]
+
+    class Short(abi.KernelArgs):
+        c_name = "ms_task_vectors_args"
+        _fields_ = fields[:-1]
+
+    class Unknown(abi.KernelArgs):
+        c_name = "ms_no_such_args"
+        _fields_ = fields
+
+    assert "fields differ" in abi.mismatches(lib, (Swapped,))[0]
+    assert "bytes in C" in abi.mismatches(lib, (Short,))[0]
+    assert "not in the library" in abi.mismatches(lib, (Unknown,))[0]
+    # and a library that disagrees is not used: the merges fall back to torch, with a line in the log saying why
+    check = abi.mismatches
+    monkeypatch.setattr(abi, "mismatches", lambda library: check(library, (Swapped,)))
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    with caplog.at_level(logging.ERROR, logger="mergescope.native"):
+        assert native.library() is None
+    assert "disagree" in native.why_not() and "ms_task_vectors_args" in native.why_not()
+    assert any("disagree" in r.getMessage() for r in caplog.records)
+
+
+@needs_compiler
+def test_the_row_sums_layout_is_the_one_c_reports():
+    lib = native.library()
+    fields = ops._row_sums_fields(lib)
+    assert [name for name, _ in fields][:3] == ["base_sq", "weight_sq", "gram"]
+    for m in (1, 3, 5):
+        offsets = (ctypes.c_int64 * (len(fields) + 1))()
+        width = lib.ms_row_sums_layout(m, offsets)
+        assert width == offsets[len(fields)] == sum(m ** rank for _, rank in fields)
+        assert [offsets[i + 1] - offsets[i] for i in range(len(fields))] == [m ** rank for _, rank in fields]
+    torch.manual_seed(0)
+    base = torch.randn(5, 70).to(torch.bfloat16)
+    models = [(base.float() + torch.randn(5, 70) * 0.1).to(torch.bfloat16) for _ in range(3)]
+    sums = ops.row_sums(base, models, [(0.05, -1)] * 3, True, None, None)
+    assert list(sums) == [name for name, _ in fields]
+    tau = torch.stack([m.float() - base.float() for m in models], dim=1)
+    assert torch.allclose(sums["gram"], torch.bmm(tau, tau.transpose(1, 2)).double(), rtol=1e-5)
+    assert torch.allclose(sums["abs"], tau.abs().sum(dim=-1).double(), rtol=1e-5)

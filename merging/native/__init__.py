@@ -1,11 +1,12 @@
-"""Fused CPU kernels (``kernels.c``), compiled on first use with the system C compiler and loaded with ctypes.
+"""Fused CPU kernels (``kernels.c``, and ``row_sums.c`` for the analysis), compiled on first use with the system C
+compiler and loaded with ctypes; ``abi.py`` mirrors their parameter structs and checks them against the library.
 
 The torch code in ``merging/methods`` is the reference and the fallback: it runs on CUDA, where no compiler is
 found, or with ``MERGESCOPE_NATIVE=0``. On the CPU these kernels read each bf16/f16/f32 input once and write the
 output dtype directly, which cuts a merge's memory traffic several times over (see the README's performance table).
 
 The shared library is cached under ``$MERGESCOPE_CACHE`` (default ``~/.cache/mergescope``), named by a hash of the
-source, the compiler and the CPU, and written atomically, so concurrent first runs do not collide.
+sources, the compiler and the CPU, and written atomically, so concurrent first runs do not collide.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("kernels.c")
+from . import abi
+
+HERE = Path(__file__).parent
+SOURCES = (HERE / "kernels.c", HERE / "row_sums.c")  # compiled together into one library
+HEADERS = (HERE / "kernels.h",)  # hashed with the sources: a change there changes the library
 SUM_BLOCK = 65536  # kernels.c returns partial sums per this many elements
 MAX_INPUTS = 32
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -61,7 +66,7 @@ def _compile(compiler: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         for arch in (("-march=native",), ()):  # -march=native is refused by some compilers (and CPUs)
-            done = subprocess.run([compiler, *FLAGS, *arch, "-o", str(out), str(SOURCE)],
+            done = subprocess.run([compiler, *FLAGS, *arch, "-o", str(out), *map(str, SOURCES)],
                                   capture_output=True, text=True, timeout=120)
             if done.returncode == 0:
                 os.replace(out, target)
@@ -69,27 +74,9 @@ def _compile(compiler: str, target: Path) -> None:
         raise OSError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.ms_weighted_sum.argtypes = [i64, i32, p, p, p, f32, p, i32]
-    lib.ms_weighted_sum.restype = i64
-    lib.ms_task_vectors.argtypes = [i64, i32, p, i32, p, p, p, p, i32, p, p, i32, p, p, i64, i32, i32, f32, f32, p, i32]
-    lib.ms_task_vectors.restype = i64
-    lib.ms_row_sums.argtypes = [i64, i64, i32, p, i32, p, p, p, p, i32, p, i32, p, i32, p, i64]
-    lib.ms_row_sums.restype = None
-    lib.ms_tie_end.argtypes = [i64, p, i32, p, i32, f32, i64]
-    lib.ms_tie_end.restype = i64
-    lib.ms_bracket.argtypes = [i64, p, i32, p, i32, f32, f32, p, i64, p, p]
-    lib.ms_bracket.restype = None
-    lib.ms_random_l1.argtypes = [i64, p, i32, p, i32, ctypes.c_uint64, ctypes.c_uint32, i64, p, p]
-    lib.ms_random_l1.restype = None
-    lib.ms_emr.argtypes = [i64, i32, p, i32, p, p, p, i32, p, p]
-    lib.ms_emr.restype = None
-    return lib
-
-
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, compiling them the first time; None when disabled or no compiler works (see why_not)."""
+    """The loaded kernels, compiling them the first time; None when disabled, when no compiler works, or when the
+    library's structs are not the ones ``abi.py`` passes (see why_not)."""
     global _lib, _tried, _why_not
     if disabled():
         return None
@@ -105,7 +92,8 @@ def library() -> ctypes.CDLL | None:
             return None
         try:
             version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-            key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_model().encode()
+            text = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
+            key = hashlib.sha256(text + version.encode() + _cpu_model().encode()
                                  + " ".join(FLAGS).encode()).hexdigest()[:16]
             target = _cache_dir() / f"kernels-{key}.so"
             if not target.exists():
@@ -117,11 +105,17 @@ def library() -> ctypes.CDLL | None:
                     if not target.exists():
                         _compile(compiler, target)
                 log.info("built the merge kernels in %.1f s: %s", time.monotonic() - started, target)
-            _lib = _declare(ctypes.CDLL(str(target)))
+            lib = ctypes.CDLL(str(target))
         except (OSError, subprocess.SubprocessError) as exc:
             _why_not = f"could not build the kernels: {exc}"
             log.warning("%s; merges run in torch instead (slower)", _why_not)
-            _lib = None
+            return None
+        problems = abi.mismatches(lib)
+        if problems:  # calling with a struct C reads differently would corrupt memory, not raise
+            _why_not = f"kernels.h and merging/native/abi.py disagree: {'; '.join(problems)}"
+            log.error("%s; merges run in torch instead (slower)", _why_not)
+            return None
+        _lib = abi.declare(lib)
         return _lib
 
 
@@ -188,7 +182,7 @@ def pointers(tensors: Sequence[torch.Tensor], offset: int = 0):
 
 
 def codes(tensors: Sequence[torch.Tensor]):
-    return (ctypes.c_int * len(tensors))(*[DTYPE_CODES[t.dtype] for t in tensors])
+    return (ctypes.c_int32 * len(tensors))(*[DTYPE_CODES[t.dtype] for t in tensors])
 
 
 def floats(values: Sequence[float]):

@@ -3,36 +3,15 @@
  * Each kernel reads its inputs once, in their stored dtype (bfloat16, float16 or float32), converts them to float32
  * a block at a time so that every working array stays in the L1 cache, and writes its result in the output dtype.
  * The torch code in merging/methods computes the same formulas in separate passes over whole float32 copies; these
- * kernels exist only because that costs several times the memory traffic. Every kernel works on a contiguous range
- * of elements; the Python side (merging/native/__init__.py) splits a band into ranges for the threads.
+ * kernels exist only because that costs several times the memory traffic. Every kernel takes its family's struct
+ * (kernels.h), which describes a band, and a contiguous range of that band's elements; the Python side
+ * (merging/native/ops.py) splits a band into ranges for the threads. The analysis' kernel is in row_sums.c.
  *
  * Random draws (DARE) come from a counter-based hash of (key, flat element index), not from a sequential
  * generator, so a range can be computed by any thread in any order and give the same bytes. merging/native/rng.py
  * computes the same numbers with torch integer ops.
  */
-#include <stdint.h>
-#include <string.h>
-
-#define BLOCK 1024          /* elements converted at a time: a float32 block is 4 KB */
-#define MAX_INPUTS 32
-#define SUM_BLOCK 65536     /* partial sums are returned per this many elements, whatever the thread split */
-
-enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
-
-static void to_f32(const void *src, int dt, int64_t i0, int n, float *restrict dst) {
-    if (dt == DT_BF16) {
-        const uint16_t *s = (const uint16_t *)src + i0;
-        for (int k = 0; k < n; k++) {
-            uint32_t u = (uint32_t)s[k] << 16;
-            memcpy(dst + k, &u, 4);
-        }
-    } else if (dt == DT_F16) {
-        const _Float16 *s = (const _Float16 *)src + i0;
-        for (int k = 0; k < n; k++) dst[k] = (float)s[k];
-    } else {
-        memcpy(dst, (const float *)src + i0, (size_t)n * 4);
-    }
-}
+#include "kernels.h"
 
 /* Store float32 values as dt (round to nearest even, NaN as torch writes it); returns how many stored values are
  * NaN or infinite, so that the caller need not scan the output again. */
@@ -102,13 +81,18 @@ static double lane_sum(const float *restrict v, int n) {
     return total;
 }
 
-/* out = sum_j c[j] * x[j], then divided by `divide` (1: no division). */
-int64_t ms_weighted_sum(int64_t n, int m, const void *const *x, const int *dt, const float *c, float divide,
-                        void *out, int out_dt) {
+/* out = sum_j c[j] * x[j], then divided by `divide` (1: no division); returns how many stored values are not
+ * finite. */
+int64_t ms_weighted_sum(const ms_weighted_sum_args *a, int64_t begin, int64_t end) {
+    const void *const *x = a->x;
+    const int32_t *dt = a->dt;
+    const float *c = a->c, divide = a->divide;
+    void *out = a->out;
+    const int m = a->m, out_dt = a->out_dt;
     float acc[BLOCK], v[BLOCK];
     int64_t bad = 0;
-    for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {
-        int len = n - i0 < BLOCK ? (int)(n - i0) : BLOCK;
+    for (int64_t i0 = begin; i0 < end; i0 += BLOCK) {
+        int len = end - i0 < BLOCK ? (int)(end - i0) : BLOCK;
         to_f32(x[0], dt[0], i0, len, v);
         for (int k = 0; k < len; k++) acc[k] = c[0] * v[k];
         for (int j = 1; j < m; j++) {
@@ -149,12 +133,6 @@ static void weigh_cut(int len, const float *restrict t, float ta, int ties_a, fl
             d[k] = a > ta || (a == ta && k < ties_a) ? (t[k] * s) * w : 0.0f;
         }
     }
-}
-
-/* How many of a cut's ties fall in the block starting at element i0: those before the cut's tie end. */
-static int ties_in_block(int64_t tie_end, int64_t i0, int len) {
-    int64_t left = tie_end - i0;
-    return left <= 0 ? 0 : (left >= len ? len : (int)left);
 }
 
 static void weigh_drawn(int len, const float *restrict t, const uint32_t *restrict r, uint32_t limit, float s,
@@ -201,18 +179,25 @@ static void finish_merge(int len, const float *restrict b, float *restrict acc, 
  *   d_i = (kept_i * scale_i) * w_i
  *   consensus: s = sign(sum d_i) (0 counts as +), merged = sum of the d_i whose sign is s, divisor = sum of their w_i
  *   else:      merged = sum d_i, divisor = `divisor`
- *   out = b + lambda * merged / divisor (the division only when `normalize`; a zero divisor counts as 1). */
-int64_t ms_task_vectors(int64_t n, int m, const void *base, int base_dt, const void *const *x, const int *dt,
-                        const float *w, const float *scale, int mode,
-                        const float *thr, const int64_t *tie_end, int has_drop,
-                        const uint64_t *keys, const uint32_t *keep24, int64_t start,
-                        int consensus, int normalize, float divisor, float lambda, void *out, int out_dt) {
+ *   out = b + lambda * merged / divisor (the division only when `normalize`; a zero divisor counts as 1).
+ * Returns how many stored values are not finite (-1: more than MAX_INPUTS models). */
+int64_t ms_task_vectors(const ms_task_vectors_args *a, int64_t begin, int64_t end) {
+    const void *base = a->base, *const *x = a->x;
+    const int32_t *dt = a->dt;
+    const float *w = a->w, *scale = a->scale, *thr = a->thr;
+    const int64_t *tie_end = a->tie_end, start = a->start;
+    const uint64_t *keys = a->keys;
+    const uint32_t *keep24 = a->keep24;
+    void *out = a->out;
+    const int m = a->m, base_dt = a->base_dt, out_dt = a->out_dt, mode = a->mode, has_drop = a->has_drop,
+              consensus = a->consensus, normalize = a->normalize;
+    const float divisor = a->divisor, lambda = a->lam;
     float b[BLOCK], v[BLOCK], t[BLOCK], d[MAX_INPUTS][BLOCK], acc[BLOCK], div[BLOCK];
     uint32_t r[BLOCK];
     int64_t bad = 0;
     if (m > MAX_INPUTS) return -1;
-    for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {
-        int len = n - i0 < BLOCK ? (int)(n - i0) : BLOCK;
+    for (int64_t i0 = begin; i0 < end; i0 += BLOCK) {
+        int len = end - i0 < BLOCK ? (int)(end - i0) : BLOCK;
         to_f32(base, base_dt, i0, len, b);
         for (int i = 0; i < m; i++) {
             to_f32(x[i], dt[i], i0, len, v);
@@ -265,15 +250,20 @@ static const float *task_vector(const void *base, int base_dt, const void *x, in
     return t;
 }
 
-/* One pass of exact top-k selection: how many |x - b| (|x| without a base) exceed `hi`, and the values in
- * [lo, hi], copied to `found` in flat order (up to `cap`; *inside says how many there were). */
-void ms_bracket(int64_t n, const void *base, int base_dt, const void *x, int dt, float lo, float hi,
-                float *found, int64_t cap, int64_t *above, int64_t *inside) {
+/* One pass of exact top-k selection over [begin, end): how many |x - b| (|x| without a base) exceed `hi`, and the
+ * values in [lo, hi], copied to found->values in flat order (up to found->cap; found->inside says how many there
+ * were, so that the caller can retry with more room). */
+void ms_bracket(const ms_magnitude_args *args, int64_t begin, int64_t end, ms_bracket_found *found) {
+    const void *base = args->base, *x = args->x;
+    const int base_dt = args->base_dt, dt = args->dt;
+    const float lo = args->lo, hi = args->hi;
+    float *values = found->values;
+    const int64_t cap = found->cap;
     float b[BLOCK], v[BLOCK], t[BLOCK], a[BLOCK];
     int flag[BLOCK + 16];
     int64_t count = 0, kept = 0;
-    for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {
-        int len = n - i0 < BLOCK ? (int)(n - i0) : BLOCK;
+    for (int64_t i0 = begin; i0 < end; i0 += BLOCK) {
+        int len = end - i0 < BLOCK ? (int)(end - i0) : BLOCK;
         count += magnitudes_in(len, task_vector(base, base_dt, x, dt, i0, len, v, b, t), lo, hi, a, flag);
         for (int k = len; k < BLOCK + 16; k++) flag[k] = 0;
         for (int k = 0; k < len; k += 16) {  /* candidates are rare: skip 16 flags at a time */
@@ -282,14 +272,14 @@ void ms_bracket(int64_t n, const void *base, int base_dt, const void *x, int dt,
             if (!any) continue;
             for (int j = k; j < k + 16 && j < len; j++) {
                 if (flag[j]) {
-                    if (kept < cap) found[kept] = a[j];
+                    if (kept < cap) values[kept] = a[j];
                     kept++;
                 }
             }
         }
     }
-    *above = count;
-    *inside = kept;
+    found->above = count;
+    found->inside = kept;
 }
 
 static int count_equal(int len, const float *restrict t, float thr) {
@@ -298,13 +288,17 @@ static int count_equal(int len, const float *restrict t, float thr) {
     return count;
 }
 
-/* The index just after the `ties`-th element (ties >= 1) whose |x - b| (|x| without a base) equals thr: where a
- * cut that keeps only the first `ties` of its ties stops keeping them; n when there are fewer. */
-int64_t ms_tie_end(int64_t n, const void *base, int base_dt, const void *x, int dt, float thr, int64_t ties) {
+/* The index just after the `ties`-th element (ties >= 1) from `begin` whose |x - b| (|x| without a base) equals
+ * hi: where a cut that keeps only the first `ties` of its ties stops keeping them; `end` when there are fewer. */
+int64_t ms_tie_end(const ms_magnitude_args *args, int64_t begin, int64_t end) {
+    const void *base = args->base, *x = args->x;
+    const int base_dt = args->base_dt, dt = args->dt;
+    const float thr = args->hi;
+    const int64_t ties = args->ties;
     float b[BLOCK], v[BLOCK], t[BLOCK];
     int64_t seen = 0;
-    for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {
-        int len = n - i0 < BLOCK ? (int)(n - i0) : BLOCK;
+    for (int64_t i0 = begin; i0 < end; i0 += BLOCK) {
+        int len = end - i0 < BLOCK ? (int)(end - i0) : BLOCK;
         const float *tv = task_vector(base, base_dt, x, dt, i0, len, v, b, t);
         int here = count_equal(len, tv, thr);
         if (seen + here < ties) {
@@ -314,16 +308,22 @@ int64_t ms_tie_end(int64_t n, const void *base, int base_dt, const void *x, int 
         for (int k = 0; k < len; k++)
             if ((tv[k] < 0 ? -tv[k] : tv[k]) == thr && ++seen == ties) return i0 + k + 1;
     }
-    return n;
+    return end;
 }
 
-/* DARE's L1 norms for its rescale: per SUM_BLOCK elements, sum |t| and sum |t kept by the draw|, t = x - b. */
-void ms_random_l1(int64_t n, const void *base, int base_dt, const void *x, int dt, uint64_t key, uint32_t keep24,
-                  int64_t start, double *before, double *after) {
+/* DARE's L1 norms for its rescale: per SUM_BLOCK elements, sum |t| and sum |t kept by the draw|, t = x - b
+ * (begin is a multiple of SUM_BLOCK, so that the sums do not depend on the thread split). */
+void ms_random_l1(const ms_random_l1_args *a, int64_t begin, int64_t end) {
+    const void *base = a->base, *x = a->x;
+    const int base_dt = a->base_dt, dt = a->dt;
+    const uint64_t key = a->key;
+    const uint32_t keep24 = a->keep24;
+    const int64_t start = a->start;
+    double *before = a->before, *after = a->after;
     float b[BLOCK], v[BLOCK], kept_v[BLOCK];
     uint32_t r[BLOCK];
-    for (int64_t s0 = 0; s0 < n; s0 += SUM_BLOCK) {
-        int64_t s1 = n - s0 < SUM_BLOCK ? n : s0 + SUM_BLOCK;
+    for (int64_t s0 = begin; s0 < end; s0 += SUM_BLOCK) {
+        int64_t s1 = end - s0 < SUM_BLOCK ? end : s0 + SUM_BLOCK;
         double all = 0.0, kept = 0.0;
         for (int64_t i0 = s0; i0 < s1; i0 += BLOCK) {
             int len = s1 - i0 < BLOCK ? (int)(s1 - i0) : BLOCK;
@@ -343,37 +343,23 @@ void ms_random_l1(int64_t n, const void *base, int base_dt, const void *x, int d
     }
 }
 
-/* EMR's election over a block of task vectors t[0..m): sign = +1 where sum_i t_i > 0 else -1, mag = the largest
- * |t_i| among those agreeing with it (0 if none), tau = sign * mag. */
-static void elect_unified(int len, int m, float (*t)[BLOCK], float *restrict sign, float *restrict mag,
-                          float *restrict tau) {
-    for (int k = 0; k < len; k++) sign[k] = 0.0f;
-    for (int i = 0; i < m; i++)
-        for (int k = 0; k < len; k++) sign[k] += t[i][k];
-    for (int k = 0; k < len; k++) {
-        sign[k] = sign[k] > 0.0f ? 1.0f : -1.0f;
-        mag[k] = 0.0f;
-    }
-    for (int i = 0; i < m; i++)
-        for (int k = 0; k < len; k++) {
-            float a = t[i][k] < 0 ? -t[i][k] : t[i][k];
-            mag[k] = t[i][k] * sign[k] > 0.0f && a > mag[k] ? a : mag[k];
-        }
-    for (int k = 0; k < len; k++) tau[k] = sign[k] * mag[k];
-}
-
 /* EMR (see merging/methods/emr.py): per element, with t_i = x_i - b,
  *   s = +1 if sum t_i > 0 else -1;  tau = s * max{|t_i| : t_i s > 0} (0 if none);  M_i = t_i tau > 0
- * writes tau (when tau_out is set) and the packed masks (when masks is set; n is a multiple of 8 unless the range
- * ends the tensor; the first element goes to the most significant bit), and per SUM_BLOCK elements the sums
- * sum|t_i|, sum M_i |tau| and sum M_i into sums[(block * 3 + {0,1,2}) * m + i]. */
-void ms_emr(int64_t n, int m, const void *base, int base_dt, const void *const *x, const int *dt,
-            void *tau_out, int tau_dt, uint8_t *const *masks, double *sums) {
+ * writes tau (when tau_out is set) and the packed masks (when masks is set; begin is a multiple of SUM_BLOCK, so a
+ * range starts on a whole byte; the first element goes to the most significant bit), and per SUM_BLOCK elements
+ * the sums sum|t_i|, sum M_i |tau| and sum M_i into sums[(block * 3 + {0,1,2}) * m + i]. */
+void ms_emr(const ms_emr_args *args, int64_t begin, int64_t end) {
+    const void *base = args->base, *const *x = args->x;
+    const int32_t *dt = args->dt;
+    void *tau_out = args->tau_out;
+    uint8_t *const *masks = args->masks;
+    double *sums = args->sums;
+    const int m = args->m, base_dt = args->base_dt, tau_dt = args->tau_dt;
     float b[BLOCK], t[MAX_INPUTS][BLOCK], tau[BLOCK], sign[BLOCK], mag[BLOCK], a[BLOCK], u[BLOCK];
     uint8_t bit[BLOCK];
     if (m > MAX_INPUTS) return;
-    for (int64_t s0 = 0; s0 < n; s0 += SUM_BLOCK) {
-        int64_t s1 = n - s0 < SUM_BLOCK ? n : s0 + SUM_BLOCK;
+    for (int64_t s0 = begin; s0 < end; s0 += SUM_BLOCK) {
+        int64_t s1 = end - s0 < SUM_BLOCK ? end : s0 + SUM_BLOCK;
         double *out = sums + (s0 / SUM_BLOCK) * 3 * m;
         for (int i = 0; i < 3 * m; i++) out[i] = 0.0;
         for (int64_t i0 = s0; i0 < s1; i0 += BLOCK) {
@@ -410,156 +396,73 @@ void ms_emr(int64_t n, int m, const void *base, int base_dt, const void *const *
     }
 }
 
-/* The analysis' per-row sums of one band (merging/analysis.py, ``tensor_sums``), for rows of `cols` elements,
- * t_i = x_i - b. Row r of `out` (k_out doubles) receives, at the offsets computed below:
- *   base_sq; weight_sq[m]; gram[m*m]; abs[m]; both; eligible; against; mass;
- *   count[m]; abs_masked[m]; masked_sq[m]; dot[m]; masked_dot[m]; uni_sq;       (EMR's election, when `emr`)
- *   dist[m];                                                                      (when `merged` is given)
- *   own_abs_masked[m]; own_masked_sq[m]; own_masked_dot[m]                        (when `uni` is given)
- * The trim keeps |t_i| > thr[i], and |t_i| == thr[i] for flat indices (from this range's start) below tie_end[i].
- * Sums run over blocks of BLOCK elements in float32 (vectorized: `omp simd` reductions, so their order is the
- * compiler's, fixed for a given build) and over blocks and rows in float64. */
-void ms_row_sums(int64_t rows, int64_t cols, int m, const void *base, int base_dt, const void *const *x,
-                 const int *dt, const float *thr, const int64_t *tie_end, int emr, const void *merged,
-                 int merged_dt, const void *uni, int uni_dt, double *out, int64_t k_out) {
-    float b[BLOCK], v[BLOCK], t[MAX_INPUTS][BLOCK], kept[MAX_INPUTS][BLOCK], s1[BLOCK], s2[BLOCK], s3[BLOCK],
-          u[BLOCK];
-    if (m > MAX_INPUTS) return;
-    const int o_wsq = 1, o_gram = o_wsq + m, o_abs = o_gram + m * m, o_both = o_abs + m, o_elig = o_both + 1,
-              o_against = o_elig + 1, o_mass = o_against + 1, o_count = o_mass + 1, o_absm = o_count + m,
-              o_msq = o_absm + m, o_dot = o_msq + m, o_mdot = o_dot + m, o_unisq = o_mdot + m,
-              o_dist = o_unisq + 1, o_own = o_dist + m;
-    for (int64_t r = 0; r < rows; r++) {
-        double *row = out + r * k_out;
-        for (int64_t j = 0; j < k_out; j++) row[j] = 0.0;
-        for (int64_t c0 = 0; c0 < cols; c0 += BLOCK) {
-            int len = cols - c0 < BLOCK ? (int)(cols - c0) : BLOCK;
-            int64_t i0 = r * cols + c0;
-            float bsq = 0.0f;
-            to_f32(base, base_dt, i0, len, b);
-#pragma omp simd reduction(+ : bsq)
-            for (int k = 0; k < len; k++) bsq += b[k] * b[k];
-            row[0] += bsq;
-            for (int k = 0; k < len; k++) s1[k] = s2[k] = s3[k] = 0.0f;
-            for (int i = 0; i < m; i++) {  /* norms, |t|, and the sign-conflict flags (some +, some -, # non-zero) */
-                float wsq = 0.0f, ab = 0.0f, *restrict ti = t[i];
-                to_f32(x[i], dt[i], i0, len, v);
-#pragma omp simd reduction(+ : wsq, ab)
-                for (int k = 0; k < len; k++) {
-                    float d = v[k] - b[k];
-                    wsq += v[k] * v[k];
-                    ti[k] = d;
-                    ab += d < 0 ? -d : d;
-                    s1[k] = d > 0.0f ? 1.0f : s1[k];
-                    s2[k] = d < 0.0f ? 1.0f : s2[k];
-                    s3[k] += d != 0.0f;
-                }
-                row[o_wsq + i] += wsq;
-                row[o_abs + i] += ab;
-            }
-            for (int i = 0; i < m; i++)
-                for (int j = i; j < m; j++) {
-                    float g = 0.0f;
-                    const float *restrict ti = t[i], *restrict tj = t[j];
-#pragma omp simd reduction(+ : g)
-                    for (int k = 0; k < len; k++) g += ti[k] * tj[k];
-                    row[o_gram + i * m + j] += g;
-                    if (j != i) row[o_gram + j * m + i] += g;
-                }
-            {
-                float both = 0.0f, eligible = 0.0f;
-#pragma omp simd reduction(+ : both, eligible)
-                for (int k = 0; k < len; k++) {
-                    both += s1[k] * s2[k];
-                    eligible += s3[k] >= 2.0f ? 1.0f : 0.0f;
-                    s1[k] = 0.0f;
-                }
-                row[o_both] += both;
-                row[o_elig] += eligible;
-            }
-            /* the trim, its elected sign (0 counts as +) and the |kept| mass against it */
-            for (int i = 0; i < m; i++) {
-                int ties = ties_in_block(tie_end[i], i0, len);
-                const float ta = thr[i], *restrict ti = t[i];
-                float *restrict ki = kept[i];
-                for (int k = 0; k < len; k++) {
-                    float a = ti[k] < 0 ? -ti[k] : ti[k];
-                    ki[k] = a > ta || (a == ta && k < ties) ? ti[k] : 0.0f;
-                    s1[k] += ki[k];
-                }
-            }
-            for (int k = 0; k < len; k++) s1[k] = s1[k] >= 0.0f ? 1.0f : -1.0f;
-            {
-                float mass = 0.0f, against = 0.0f;
-                for (int i = 0; i < m; i++) {
-                    const float *restrict ki = kept[i];
-#pragma omp simd reduction(+ : mass, against)
-                    for (int k = 0; k < len; k++) {
-                        float opposed = -ki[k] * s1[k];
-                        mass += ki[k] < 0 ? -ki[k] : ki[k];
-                        against += opposed > 0.0f ? opposed : 0.0f;
-                    }
-                }
-                row[o_mass] += mass;
-                row[o_against] += against;
-            }
-            if (emr) {  /* EMR's election: sign of the sum (0 counts as -), the largest agreeing |t| */
-                float usq = 0.0f;
-                elect_unified(len, m, t, s1, s2, u);
-#pragma omp simd reduction(+ : usq)
-                for (int k = 0; k < len; k++) usq += u[k] * u[k];
-                row[o_unisq] += usq;
-                for (int i = 0; i < m; i++) {
-                    float count = 0.0f, absm = 0.0f, msq = 0.0f, dot = 0.0f, mdot = 0.0f;
-                    const float *restrict ti = t[i];
-#pragma omp simd reduction(+ : count, absm, msq, dot, mdot)
-                    for (int k = 0; k < len; k++) {
-                        float p = ti[k] * u[k];
-                        int on = p > 0.0f;
-                        count += on ? 1.0f : 0.0f;
-                        absm += on ? (u[k] < 0 ? -u[k] : u[k]) : 0.0f;
-                        msq += on ? u[k] * u[k] : 0.0f;
-                        dot += p;
-                        mdot += on ? p : 0.0f;
-                    }
-                    row[o_count + i] += count;
-                    row[o_absm + i] += absm;
-                    row[o_msq + i] += msq;
-                    row[o_dot + i] += dot;
-                    row[o_mdot + i] += mdot;
-                }
-            }
-            if (merged) {
-                to_f32(merged, merged_dt, i0, len, v);
-                for (int i = 0; i < m; i++) {
-                    float dist = 0.0f;
-                    const float *restrict ti = t[i];
-#pragma omp simd reduction(+ : dist)
-                    for (int k = 0; k < len; k++) {
-                        float d = (v[k] - b[k]) - ti[k];
-                        dist += d * d;
-                    }
-                    row[o_dist + i] += dist;
-                }
-            }
-            if (uni) {
-                to_f32(uni, uni_dt, i0, len, v);
-                for (int i = 0; i < m; i++) {
-                    float absm = 0.0f, msq = 0.0f, mdot = 0.0f;
-                    const float *restrict ti = t[i];
-#pragma omp simd reduction(+ : absm, msq, mdot)
-                    for (int k = 0; k < len; k++) {
-                        float p = ti[k] * v[k];
-                        int on = p > 0.0f;
-                        absm += on ? (v[k] < 0 ? -v[k] : v[k]) : 0.0f;
-                        msq += on ? v[k] * v[k] : 0.0f;
-                        mdot += on ? p : 0.0f;
-                    }
-                    row[o_own + i] += absm;
-                    row[o_own + m + i] += msq;
-                    row[o_own + 2 * m + i] += mdot;
-                }
-            }
-        }
-    }
+/* The layout of every parameter struct, expanded from the same field lists as the typedefs in kernels.h, so that
+ * abi.py can check its ctypes mirrors against what this compiler made of them before it calls a kernel. */
+typedef struct {
+    const char *name;
+    size_t offset, size;
+} field_layout;
+
+typedef struct {
+    const char *name;
+    size_t size;
+    const field_layout *fields;
+    int count;
+} struct_layout;
+
+#define MS_FIELD_LAYOUT(type, name) {#name, offsetof(MS_THIS, name), sizeof(((MS_THIS *)0)->name)},
+#define MS_FIELDS(list) static const field_layout list##_layout[] = {list(MS_FIELD_LAYOUT)};
+
+#define MS_THIS ms_weighted_sum_args
+MS_FIELDS(MS_WEIGHTED_SUM_ARGS)
+#undef MS_THIS
+#define MS_THIS ms_task_vectors_args
+MS_FIELDS(MS_TASK_VECTORS_ARGS)
+#undef MS_THIS
+#define MS_THIS ms_magnitude_args
+MS_FIELDS(MS_MAGNITUDE_ARGS)
+#undef MS_THIS
+#define MS_THIS ms_bracket_found
+MS_FIELDS(MS_BRACKET_FOUND)
+#undef MS_THIS
+#define MS_THIS ms_random_l1_args
+MS_FIELDS(MS_RANDOM_L1_ARGS)
+#undef MS_THIS
+#define MS_THIS ms_emr_args
+MS_FIELDS(MS_EMR_ARGS)
+#undef MS_THIS
+#define MS_THIS ms_row_sums_args
+MS_FIELDS(MS_ROW_SUMS_ARGS)
+#undef MS_THIS
+
+#define MS_STRUCT(type, list) {#type, sizeof(type), list##_layout, (int)(sizeof(list##_layout) / sizeof(field_layout))}
+static const struct_layout structs[] = {
+    MS_STRUCT(ms_weighted_sum_args, MS_WEIGHTED_SUM_ARGS),
+    MS_STRUCT(ms_task_vectors_args, MS_TASK_VECTORS_ARGS),
+    MS_STRUCT(ms_magnitude_args, MS_MAGNITUDE_ARGS),
+    MS_STRUCT(ms_bracket_found, MS_BRACKET_FOUND),
+    MS_STRUCT(ms_random_l1_args, MS_RANDOM_L1_ARGS),
+    MS_STRUCT(ms_emr_args, MS_EMR_ARGS),
+    MS_STRUCT(ms_row_sums_args, MS_ROW_SUMS_ARGS),
+};
+
+static const struct_layout *find_struct(const char *type) {
+    for (size_t s = 0; s < sizeof(structs) / sizeof(structs[0]); s++)
+        if (strcmp(structs[s].name, type) == 0) return &structs[s];
+    return NULL;
+}
+
+/* sizeof the named struct; 0 when there is none of that name. */
+size_t ms_sizeof(const char *type) {
+    const struct_layout *s = find_struct(type);
+    return s ? s->size : 0;
+}
+
+/* The name of field i of the named struct, in declaration order, with its offset and size; NULL past the last. */
+const char *ms_field(const char *type, int i, size_t *offset, size_t *size) {
+    const struct_layout *s = find_struct(type);
+    if (!s || i < 0 || i >= s->count) return NULL;
+    *offset = s->fields[i].offset;
+    *size = s->fields[i].size;
+    return s->fields[i].name;
 }

@@ -1,13 +1,16 @@
-"""The kernels of kernels.c as torch-in, torch-out functions, each range of a band on its own thread.
+"""The kernels of kernels.c and row_sums.c as torch-in, torch-out functions, each range of a band on its own thread.
 
 Every function takes the inputs as stored (contiguous CPU tensors of one band, any of float32/bfloat16/float16)
-and returns new tensors; the callers check ``usable`` first.
+and returns new tensors; the callers check ``usable`` first. Each fills its kernel's parameter struct (``abi.py``)
+once for the band, with pointers to the band's first elements, and the threads share it: a range is only the
+(begin, end) passed alongside.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -21,10 +24,27 @@ from . import (
     pointers,
     run_ranges,
 )
+from .abi import (
+    BracketFound,
+    EmrArgs,
+    KernelArgs,
+    MagnitudeArgs,
+    RandomL1Args,
+    RowSumsArgs,
+    TaskVectorsArgs,
+    WeightedSumArgs,
+)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1)
+
+
+def _on_ranges(kernel, args: KernelArgs) -> Callable[[int, int], object]:
+    """``kernel(&args, lo, hi)`` as a function of the range: the struct is filled once per band, and every thread
+    reads the same one, so a range costs only the call."""
+    ref = ctypes.byref(args)
+    return lambda lo, hi: kernel(ref, lo, hi)
 
 
 def weighted_sum(inputs: Sequence[torch.Tensor], coefficients: Sequence[float], out_dtype: torch.dtype,
@@ -33,13 +53,9 @@ def weighted_sum(inputs: Sequence[torch.Tensor], coefficients: Sequence[float], 
     lib = library()
     flat = [_flat(t) for t in inputs]
     out = torch.empty(inputs[0].shape, dtype=out_dtype)
-    out_flat, c, dts = _flat(out), floats(coefficients), codes(flat)
-
-    def call(lo: int, hi: int) -> int:
-        return lib.ms_weighted_sum(hi - lo, len(flat), pointers(flat, lo), dts, c, divide, pointer(out_flat, lo),
-                                   DTYPE_CODES[out_dtype])
-
-    return out, sum(run_ranges(call, out.numel()))
+    args = WeightedSumArgs(x=pointers(flat), dt=codes(flat), c=floats(coefficients), out=pointer(out),
+                           m=len(flat), out_dt=DTYPE_CODES[out_dtype], divide=divide)
+    return out, sum(run_ranges(_on_ranges(lib.ms_weighted_sum, args), out.numel()))
 
 
 def task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float],
@@ -54,12 +70,9 @@ def task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Se
     lib = library()
     m = len(models)
     flat_models = [_flat(t) for t in models]
-    flat_base = _flat(base)
     out = torch.empty(base.shape, dtype=out_dtype)
-    out_flat, dts = _flat(out), codes(flat_models)
-    w, s = floats(weights), floats(scales)
-    mode, thr, tie_end, has_drop = 0, floats([0.0] * 2 * m), (ctypes.c_int64 * (2 * m))(), 0
-    keys, limits, start = (ctypes.c_uint64 * m)(), (ctypes.c_uint32 * m)(), 0
+    mode, thr, tie_end, has_drop = 0, [0.0] * (2 * m), [0] * (2 * m), 0
+    keys, limits, start = [0] * m, [0] * m, 0
     if cuts is not None:
         mode = 1
         has_drop = int(any(len(c) > 1 for c in cuts))
@@ -70,16 +83,14 @@ def task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Se
     elif draws is not None:
         mode = 2
         key_values, limit_values, start = draws
-        keys[:], limits[:] = list(key_values), list(limit_values)
-
-    def call(lo: int, hi: int) -> int:
-        ends = (ctypes.c_int64 * (2 * m))(*[e - lo for e in tie_end])
-        return lib.ms_task_vectors(hi - lo, m, pointer(flat_base, lo), DTYPE_CODES[base.dtype],
-                                   pointers(flat_models, lo), dts, w, s, mode, thr, ends, has_drop, keys, limits,
-                                   start + lo, int(consensus), int(normalize), divisor, lam, pointer(out_flat, lo),
-                                   DTYPE_CODES[out_dtype])
-
-    return out, sum(run_ranges(call, out.numel()))
+        keys, limits = list(key_values), list(limit_values)
+    args = TaskVectorsArgs(base=pointer(base), x=pointers(flat_models), dt=codes(flat_models), w=floats(weights),
+                           scale=floats(scales), thr=floats(thr), tie_end=(ctypes.c_int64 * (2 * m))(*tie_end),
+                           keys=(ctypes.c_uint64 * m)(*keys), keep24=(ctypes.c_uint32 * m)(*limits),
+                           out=pointer(out), start=start, m=m, base_dt=DTYPE_CODES[base.dtype],
+                           out_dt=DTYPE_CODES[out_dtype], mode=mode, has_drop=has_drop, consensus=int(consensus),
+                           normalize=int(normalize), divisor=divisor, lam=lam)
+    return out, sum(run_ranges(_on_ranges(lib.ms_task_vectors, args), out.numel()))
 
 
 ALL_TIES = 1 << 62
@@ -92,47 +103,42 @@ def _tie_end(base: torch.Tensor, model: torch.Tensor, threshold: float, ties: in
         return ALL_TIES
     if ties == 0:
         return 0
-    flat_base = _flat(base)
-    return library().ms_tie_end(model.numel(), pointer(flat_base), DTYPE_CODES[base.dtype], pointer(model),
-                                DTYPE_CODES[model.dtype], threshold, ties)
+    args = MagnitudeArgs(base=pointer(base), x=pointer(model), ties=ties, base_dt=DTYPE_CODES[base.dtype],
+                         dt=DTYPE_CODES[model.dtype], hi=threshold)
+    return library().ms_tie_end(ctypes.byref(args), 0, model.numel())
 
 
 def bracket(base: torch.Tensor | None, model: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor]:
     """How many |x − b| (|x| without a base) exceed ``hi``, and the values within [lo, hi] in flat order."""
     lib = library()
-    flat, flat_base = _flat(model), None if base is None else _flat(base)
-    base_code = DTYPE_CODES[base.dtype] if base is not None else 0
+    args = MagnitudeArgs(base=pointer(base), x=pointer(model), base_dt=DTYPE_CODES[base.dtype] if base is not None
+                         else 0, dt=DTYPE_CODES[model.dtype], lo=lo, hi=hi)
+    ref = ctypes.byref(args)
 
     def call(start: int, stop: int) -> tuple[int, torch.Tensor]:
         n = stop - start
         cap = min(n, max(SUM_BLOCK, n // 16))
         while True:
-            found = torch.empty(cap, dtype=torch.float32)
-            above, inside = ctypes.c_int64(), ctypes.c_int64()
-            lib.ms_bracket(n, pointer(flat_base, start), base_code, pointer(flat, start), DTYPE_CODES[model.dtype],
-                           lo, hi, pointer(found), cap, ctypes.byref(above), ctypes.byref(inside))
-            if inside.value <= cap:
-                return above.value, found[:inside.value]
-            cap = inside.value  # more candidates than expected: count again with room for all of them
+            values = torch.empty(cap, dtype=torch.float32)
+            found = BracketFound(values=pointer(values), cap=cap)
+            lib.ms_bracket(ref, start, stop, ctypes.byref(found))
+            if found.inside <= cap:
+                return found.above, values[:found.inside]
+            cap = found.inside  # more candidates than expected: count again with room for all of them
 
-    parts = run_ranges(call, flat.numel())
+    parts = run_ranges(call, model.numel())
     return sum(p[0] for p in parts), torch.cat([p[1] for p in parts])
 
 
 def random_l1(base: torch.Tensor, model: torch.Tensor, key: int, keep_limit: int, start: int) -> tuple[float, float]:
     """DARE's L1 norms on one band: Σ|τ| and Σ|τ kept by the draws| (float64, in a thread-independent order)."""
     lib = library()
-    flat, flat_base = _flat(model), _flat(base)
-    blocks = -(-flat.numel() // SUM_BLOCK)
+    blocks = -(-model.numel() // SUM_BLOCK)
     before = torch.zeros(blocks, dtype=torch.float64)
     after = torch.zeros(blocks, dtype=torch.float64)
-
-    def call(lo: int, hi: int) -> None:
-        lib.ms_random_l1(hi - lo, pointer(flat_base, lo), DTYPE_CODES[base.dtype], pointer(flat, lo),
-                         DTYPE_CODES[model.dtype], key, keep_limit, start + lo, pointer(before, lo // SUM_BLOCK),
-                         pointer(after, lo // SUM_BLOCK))
-
-    run_ranges(call, flat.numel())
+    args = RandomL1Args(base=pointer(base), x=pointer(model), before=pointer(before), after=pointer(after), key=key,
+                        start=start, keep24=keep_limit, base_dt=DTYPE_CODES[base.dtype], dt=DTYPE_CODES[model.dtype])
+    run_ranges(_on_ranges(lib.ms_random_l1, args), model.numel())
     return float(before.sum()), float(after.sum())
 
 
@@ -142,60 +148,49 @@ def emr(base: torch.Tensor, models: Sequence[torch.Tensor], tau_dtype: torch.dty
     given), and the rescaler sums [Σ|τ_i|] + [Σ M_i|τ_uni|] + [Σ M_i] (float64, 3N)."""
     lib = library()
     m = len(models)
-    flat_models, flat_base = [_flat(t) for t in models], _flat(base)
-    n = flat_base.numel()
-    dts = codes(flat_models)
+    flat_models = [_flat(t) for t in models]
+    n = base.numel()
     tau = torch.empty(base.shape, dtype=tau_dtype) if tau_dtype is not None else None
     masks = [torch.empty((n + 7) // 8, dtype=torch.uint8) for _ in range(m)] if tau_dtype is not None else []
-    blocks = -(-n // SUM_BLOCK)
-    sums = torch.zeros(blocks, 3 * m, dtype=torch.float64)
-    tau_flat = None if tau is None else _flat(tau)
-
-    def call(lo: int, hi: int) -> None:
-        mask_ptrs = (ctypes.c_void_p * m)(*[pointer(mk, lo // 8) for mk in masks]) if masks else None
-        lib.ms_emr(hi - lo, m, pointer(flat_base, lo), DTYPE_CODES[base.dtype], pointers(flat_models, lo), dts,
-                   pointer(tau_flat, lo), DTYPE_CODES[tau_dtype] if tau_dtype is not None else 0, mask_ptrs,
-                   pointer(sums[lo // SUM_BLOCK]))
-
-    run_ranges(call, n)
+    sums = torch.zeros(-(-n // SUM_BLOCK), 3 * m, dtype=torch.float64)
+    args = EmrArgs(base=pointer(base), x=pointers(flat_models), dt=codes(flat_models), tau_out=pointer(tau),
+                   masks=pointers(masks) if masks else None, sums=pointer(sums), m=m,
+                   base_dt=DTYPE_CODES[base.dtype], tau_dt=DTYPE_CODES[tau_dtype] if tau_dtype is not None else 0)
+    run_ranges(_on_ranges(lib.ms_emr, args), n)
     return tau, masks, sums.sum(dim=0)
+
+
+@functools.cache
+def _row_sums_fields(lib: ctypes.CDLL) -> tuple[tuple[str, int], ...]:
+    """The fields of a row of ``ms_row_sums``' output as row_sums.c lists them: (name, rank), where rank 0 is one
+    value, 1 one per model, 2 one per pair of models."""
+    rank, fields = ctypes.c_int(), []
+    for i in range(lib.ms_row_sums_fields()):
+        name = lib.ms_row_sums_field(i, ctypes.byref(rank))
+        fields.append((name.decode(), rank.value))
+    return tuple(fields)
 
 
 def row_sums(base: torch.Tensor, models: Sequence[torch.Tensor], rules: Sequence[tuple[float, int]], emr: bool,
              merged: torch.Tensor | None, uni: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The analysis' per-row sums of one band of (rows, columns) tensors (see ``ms_row_sums``), by name: each
-    (rows,) or (rows, M) float64, ``gram`` (rows, M, M). ``rules``: the trim's (threshold, ties) per model."""
+    (rows,) or (rows, M) float64, ``gram`` (rows, M, M). ``rules``: the trim's (threshold, ties) per model.
+    The names, their order and their offsets in the kernel's output are the ones row_sums.c reports."""
     lib = library()
     m = len(models)
     rows, cols = base.shape
-    k_out = 1 + m + m * m + m + 4 + 5 * m + 1 + m + 3 * m  # the columns of ms_row_sums, as ``layout`` below
-    out = torch.zeros(rows, k_out, dtype=torch.float64)
-    flat_base, flat_models = _flat(base), [_flat(t) for t in models]
-    thr = floats([r[0] for r in rules])
+    fields = _row_sums_fields(lib)
+    offsets = (ctypes.c_int64 * (len(fields) + 1))()
+    out = torch.zeros(rows, lib.ms_row_sums_layout(m, offsets), dtype=torch.float64)
+    flat_models = [_flat(t) for t in models]
     ends = [_tie_end(base, flat_models[i], threshold, ties) for i, (threshold, ties) in enumerate(rules)]
-    dts = codes(flat_models)
-    extras = [None if t is None else _flat(t.contiguous()) for t in (merged, uni)]
-
-    def call(lo: int, hi: int) -> None:
-        first = lo * cols
-        tie_end = (ctypes.c_int64 * m)(*[e - first for e in ends])
-        lib.ms_row_sums(hi - lo, cols, m, pointer(flat_base, first), DTYPE_CODES[base.dtype],
-                        pointers(flat_models, first), dts, thr, tie_end, int(emr),
-                        pointer(extras[0], first), DTYPE_CODES[merged.dtype] if merged is not None else 0,
-                        pointer(extras[1], first), DTYPE_CODES[uni.dtype] if uni is not None else 0,
-                        pointer(out[lo]), k_out)
-
-    run_ranges(call, rows, align=1)
-    # (name, shape of one row's entry): () one value, (m,) one per model, (m, m) the Gram matrix
-    layout = [("base_sq", ()), ("weight_sq", (m,)), ("gram", (m, m)), ("abs", (m,)), ("both", ()),
-              ("eligible", ()), ("against", ()), ("mass", ()), ("count", (m,)), ("abs_masked", (m,)),
-              ("masked_sq", (m,)), ("dot", (m,)), ("masked_dot", (m,)), ("uni_sq", ()), ("dist", (m,)),
-              ("own_abs_masked", (m,)), ("own_masked_sq", (m,)), ("own_masked_dot", (m,))]
-    result, at = {}, 0
-    for name, shape in layout:
-        width = 1
-        for size in shape:
-            width *= size
-        result[name] = out[:, at:at + width].reshape(rows, *shape)
-        at += width
-    return result
+    extras = [None if t is None else t.contiguous() for t in (merged, uni)]
+    args = RowSumsArgs(base=pointer(base), x=pointers(flat_models), dt=codes(flat_models),
+                       thr=floats([r[0] for r in rules]), tie_end=(ctypes.c_int64 * m)(*ends),
+                       merged=pointer(extras[0]), uni=pointer(extras[1]), out=pointer(out), cols=cols, m=m,
+                       base_dt=DTYPE_CODES[base.dtype], emr=int(emr),
+                       merged_dt=DTYPE_CODES[merged.dtype] if merged is not None else 0,
+                       uni_dt=DTYPE_CODES[uni.dtype] if uni is not None else 0)
+    run_ranges(_on_ranges(lib.ms_row_sums, args), rows, align=1)
+    return {name: out[:, offsets[i]:offsets[i + 1]].reshape(rows, *(m,) * rank)
+            for i, (name, rank) in enumerate(fields)}
