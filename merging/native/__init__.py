@@ -30,7 +30,7 @@ import torch
 from . import abi
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "kernels.c", HERE / "row_sums.c")  # compiled together into one library
+SOURCES = (HERE / "kernels.c", HERE / "row_sums.c", HERE / "abi.c")  # compiled together into one library
 HEADERS = (HERE / "kernels.h",)  # hashed with the sources: a change there changes the library
 SUM_BLOCK = 65536  # kernels.c returns partial sums per this many elements
 MAX_INPUTS = 32
