@@ -88,3 +88,50 @@ def build_family(root: Path, arch: str = "llama", base_steps: int = 60, tune_ste
         tok.save_pretrained(folder)
         tunes.append(folder)
     return Family(arch, base_dir, tunes, time.monotonic() - started)
+
+
+_BUILT: dict[str, Family] = {}
+
+
+def family(tmp_path_factory, arch: str = "llama") -> Family:
+    """The family of ``arch``, built once per test process (module fixtures of several files share it)."""
+    if arch not in _BUILT:
+        _BUILT[arch] = build_family(tmp_path_factory.mktemp(f"lm-{arch}"), arch)
+    return _BUILT[arch]
+
+
+def merge_yaml(fam: Family, method: str = "ties", lam: float = 1.0) -> str:
+    """A merge config of the family: TIES (density 0.5) or task arithmetic, with ``lam`` as λ."""
+    params = "{weight: 1.0, density: 0.5}" if method == "ties" else "{weight: 1.0}"
+    models = "".join(f"  - model: {t}\n    parameters: {params}\n" for t in fam.tunes)
+    return f"merge_method: {method}\nbase_model: {fam.base}\nmodels:\n{models}parameters: {{lambda: {lam}}}\n"
+
+
+def merge(fam: Family, out: Path, method: str = "ties", lam: float = 1.0) -> Path:
+    from merging.config import parse_config
+    from merging.engine import run_merge
+
+    run_merge(parse_config(merge_yaml(fam, method, lam)), out)
+    return out
+
+
+def noisy_family(root: Path, make, tokenizer_text: str, n: int = 2, scale: float = 0.02) -> tuple[Path, list[Path]]:
+    """A randomly initialized model (``make(vocab)``) and ``n`` copies with seeded noise on every weight, each
+    saved with the tokenizer: for kinds whose checks need no training (classifiers, seq2seq)."""
+    root = Path(root)
+    base_dir = root / "base"
+    tok = train_tokenizer(tokenizer_text, base_dir)
+    torch.manual_seed(0)
+    model = make(len(tok)).eval()
+    model.save_pretrained(base_dir)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tunes = []
+    for k in range(n):
+        g = torch.Generator().manual_seed(100 + k)
+        model.load_state_dict({name: v + torch.randn(v.shape, generator=g) * scale if v.is_floating_point() else v
+                               for name, v in state.items()})
+        folder = root / f"ft{k}"
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        tunes.append(folder)
+    return base_dir, tunes

@@ -7,18 +7,18 @@ from __future__ import annotations
 import math
 
 import plotly.graph_objects as go
-from plotly.colors import qualitative
 
 from .verdict import BROKEN_FACTOR
 
 BASE_COLOR = "#8d99ae"
+INPUT_COLORS = ["#636efa", "#ab63fa", "#19d3f3", "#ffa15a", "#b6e880", "#ff97ff", "#fecb52"]  # no red, no green
 MERGED_COLORS = {"ok": "#2a9d8f", "warning": "#e9c46a", "broken": "#c1121f", "no comparison": "#6c757d"}
 LAYOUT = dict(template="plotly_white", height=380, margin=dict(l=70, r=30, t=60, b=60), showlegend=False,
               hoverlabel=dict(namelength=-1))
 
 
 def _colors(report: dict, rows: list[dict]) -> list[str]:
-    palette = list(qualitative.Plotly)
+    palette = INPUT_COLORS
     status = report.get("verdict", {}).get("status", "ok")
     out, k = [], 0
     for r in rows:

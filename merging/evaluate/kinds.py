@@ -73,7 +73,7 @@ def evaluate_classifier(candidates: list[Candidate], kind: str, dtype: str, *, h
             if base_tok is not None and tok_info["missing"] is None:
                 tok_info["difference"] = metrics.tokenizer_difference(tok, base_tok, held)
         batches = [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask")} for b in batches]
-        text_info = {"source": source, "inputs": len(batches)}
+        text_info = {"source": f"the sentences of {source}", "inputs": len(batches)}
         window = max(b["input_ids"].shape[1] for b in batches)
     else:
         cfg = inp.read_config(merged.folder)

@@ -175,13 +175,14 @@ def check_memory(models: list[Candidate], device: str, dtype: str, window: int) 
     """Refuse up front, with the figures, when the largest model and one window's activations cannot fit."""
     if not models:
         return 0
-    biggest = max(models, key=lambda c: _weights(c, dtype))
+    from .report import params
+
+    biggest = max(models, key=lambda c: (_weights(c, dtype), c.role == "merged"))
     d = dims(biggest.folder)
     act = 4 * window * (3 * d["vocab"] + 16 * d["hidden"] + 4 * d["intermediate"]) + 4 * window ** 2 * d["heads"]
     weights = _weights(biggest, dtype)
-    params = f"{(biggest.parameters or 0) / 1e9:.2f} B" if (biggest.parameters or 0) >= 1e8 else \
-        f"{(biggest.parameters or 0) / 1e6:.1f} M"
-    what = f"checking the merged model ({biggest.label}: {params} parameters as {dtype}, one at a time)"
+    what = (f"checking the merged model ({biggest.label}: {params(biggest.parameters)} parameters as {dtype}, "
+            "one at a time)")
     if device.startswith("cuda"):
         import torch
 

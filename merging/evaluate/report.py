@@ -43,7 +43,7 @@ def heading(report: dict) -> str:
         return f"{where}: {t['pairs']} sentence pairs of {t['source']} ({t['target_tokens']} target tokens)"
     if report["kind"] == "zoo":
         return f"{where}: {t['source']}"
-    return f"{where}: {t['inputs']} inputs ({t['source']})"
+    return f"{where}: {t['inputs']} inputs, from {t['source']}"
 
 
 def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -94,7 +94,7 @@ def continuations_markdown(report: dict) -> str:
     if not conts:
         return ""
     labels = [r["label"] for r in report["rows"] if r["label"] in conts[0]["outputs"]]
-    esc = lambda s: " ".join(str(s).replace("|", "\\|").replace("\n", " ⏎ ").split()) or "∅"  # noqa: E731
+    esc = lambda s: md_escape(_one_line(str(s)))  # noqa: E731
     lines = ["| prompt | " + " | ".join(labels) + " |", "|" + "|".join("---" for _ in range(len(labels) + 1)) + "|"]
     lines += ["| " + esc(c["prompt"]) + " | " + " | ".join(esc(c["outputs"][k]) for k in labels) + " |"
               for c in conts]
@@ -148,6 +148,13 @@ def jsonable(value):
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     return value if value is None or isinstance(value, (str, int, bool)) else str(value)
+
+
+def md_escape(text: str) -> str:
+    """Model output shown literally in a Markdown cell: no code spans, emphasis, HTML or column breaks."""
+    for ch in "\\`*_[]|#~":
+        text = text.replace(ch, "\\" + ch)
+    return text.replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _one_line(text: str) -> str:
