@@ -96,6 +96,12 @@ def test_the_cli_flags_a_broken_merge_and_passes_a_good_one(llama, tmp_path, cap
     assert "verdict: OK" in good and "| merged | merged |" in good and "windows of 128 moving by 64" in good
     saved = json.loads((tmp_path / "ties.json").read_text())
     assert saved["verdict"]["status"] == "ok" and len(saved["rows"]) == 4
+    from merging.evaluate.charts import evaluation_chart
+
+    figure = evaluation_chart(saved)
+    worst = max(r["perplexity"] for r in saved["rows"][:-1])
+    assert list(figure.data[0].y) == [r["perplexity"] for r in saved["rows"]]
+    assert figure.layout.shapes[0].y0 == pytest.approx(2 * worst)  # the broken-merge limit, dashed
 
     assert main(["evaluate", str(broken), "--max-tokens", str(FEW), "--strict"]) == 3
     bad = capsys.readouterr().out
@@ -117,6 +123,32 @@ def test_explicit_compare_and_a_changed_tokenizer(llama, tmp_path):
                     r"\d+ '.*'; \d+ vs 6876 tokens; vocabularies of \d+ vs 500$", diff), diff
     assert report["verdict"]["status"] in ("warning", "broken")
     assert any(f["text"] == diff for f in report["verdict"]["findings"])
+
+
+def test_inputs_come_from_the_hub_cache_and_are_never_downloaded(llama, tmp_path, monkeypatch):
+    """An input named by merge_config.yml as a Hub repo is read from the Hub cache; one not cached is a row that
+    says so (explicitly asked for, an error); a public server does not read the cache at all."""
+    import huggingface_hub.constants
+
+    fam, ties, _ = llama
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--acme--tiny-base" / "snapshots" / ("ab" * 20)
+    shutil.copytree(fam.base, snapshot)
+    (cache / "models--acme--tiny-base" / "refs").mkdir()
+    (cache / "models--acme--tiny-base" / "refs" / "main").write_text("ab" * 20)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    merged = tmp_path / "merged"
+    shutil.copytree(ties, merged)
+    (merged / "merge_config.yml").write_text(f"merge_method: ties\nbase_model: acme/tiny-base\nmodels:\n"
+                                             f"  - model: someone/never-cached\n  - model: {fam.tunes[0]}\n")
+    report = evaluate(merged, max_tokens=200, new_tokens=2)
+    rows = {r["label"]: r for r in report["rows"]}
+    assert rows["tiny-base"]["perplexity"] > 0 and rows["tiny-base"]["role"] == "base"
+    assert rows["never-cached"]["skipped"].startswith("not in the Hub cache, and evaluate never downloads")
+    assert "perplexity" not in rows["never-cached"]
+    public = evaluate(merged, max_tokens=200, new_tokens=2, hub_cache=False)
+    assert public["rows"][0]["skipped"] == "a Hub model: this server checks against local folders only"
+    assert any(f["text"].startswith("never-cached not compared") for f in report["verdict"]["findings"])
 
 
 def test_a_frankenmerge_that_grows_the_model_says_so(llama, tmp_path):
@@ -169,6 +201,9 @@ def test_classifier_agreement_figures(tmp_path):
         assert sum(row["classes"].values()) == len(preds["merged"])
     assert report["pairwise"]["base · ft0"] == pytest.approx(float((preds["base"] == preds["ft0"]).double().mean()))
     assert report["verdict"]["status"] == "ok", report["verdict"]
+    from merging.evaluate.charts import evaluation_chart
+
+    assert list(evaluation_chart(report).data[0].y) == [r["agreement"] for r in report["rows"]]
 
     # a head that no longer separates anything: one class for every input, while the inputs predict several
     from safetensors.torch import load_file, save_file
@@ -225,6 +260,10 @@ def test_the_zoo_through_the_same_command(tmp_path, capsys):
     assert "(demo zoo model)" in out and "verdict: BROKEN: chance-corrected accuracy" in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["rows"][-1]["accuracy"] == pytest.approx(evaluate_checkpoint(tmp_path / "zoo8"))
+    from merging.evaluate.charts import evaluation_chart
+
+    bars = evaluation_chart(report).data[0]
+    assert list(bars.x) == ["base", "digits", "parity", "merged"] and bars.y[-1] == report["rows"][-1]["average"]
 
 
 def test_too_big_for_memory_is_refused_before_any_weight_is_read(llama, monkeypatch):
