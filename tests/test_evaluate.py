@@ -311,6 +311,7 @@ def test_bad_input_is_one_line(llama, tmp_path, monkeypatch, capsys):
         ([str(llama[1]), "--compare", "someone/not-cached"], "--compare someone/not-cached: not in the Hub cache"),
         ([str(llama[1]), "--text", str(tmp_path / "nope.txt")], "--text"),
         ([str(llama[1]), "--window", "500"], "longer than the model's context (128 positions)"),
+        ([str(llama[1]), "--window", "64", "--stride", "65"], "a stride no longer than the window"),
     ]
     for args, expected in cases:
         assert main(["evaluate", *args]) == 2, args

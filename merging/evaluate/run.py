@@ -81,7 +81,9 @@ def evaluate_lm(candidates: list[Candidate], kind: str, dtype: str, *, held: str
             if context and window > context:
                 raise SourceError(f"--window {window}: longer than the model's context ({context} positions)")
             stride = stride or max(1, window // 2)
-            metrics.windows(len(ids), window, stride)  # a bad window/stride is an error before anything loads
+            if window < 2 or stride > window:
+                raise SourceError(f"--window {window} --stride {stride}: need a window of at least 2 tokens and a "
+                                  "stride no longer than the window")
             units, top_id = len(metrics.windows(len(ids), window, stride)), int(ids.max())
             text_info = {"source": source, "tokens": len(ids), "window": window, "stride": stride,
                          "scored": len(ids) - 1}
