@@ -16,7 +16,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from components import analysis_panel, api, learn_panel, merge_panel, method_form, model_picker, preflight
+from components import analysis_panel, api, eval_panel, learn_panel, merge_panel, method_form, model_picker, preflight
 from components.common import AppSettings, drop_space_owner_token
 from components.sessions import SessionStore
 from merging import native
@@ -57,6 +57,8 @@ def build_app(settings: AppSettings | None = None, sessions: SessionStore | None
             with gr.Column(scale=6):
                 gr.Markdown("### 3 · Diagnostics")
                 analysis = analysis_panel.build_analysis_panel()
+        gr.Markdown("### 5 · Check the merged model")
+        evaluation = eval_panel.build_eval_panel()
         learn_panel.build_learn_panel()
         api.build_api(settings, sessions)
 
@@ -66,6 +68,7 @@ def build_app(settings: AppSettings | None = None, sessions: SessionStore | None
         preflight.wire_preflight(pre_button, pre_out, form.yaml, settings, sessions)
         analysis_panel.wire_analysis_panel(analysis, form.yaml, settings, sessions)
         merge_panel.wire_merge_panel(merge, form.yaml, settings, sessions)
+        eval_panel.wire_eval_panel(evaluation, merge.out_dir, settings, sessions)
 
         def end_session(request: gr.Request) -> None:
             """The tab closed: stop its job and remove its folder."""

@@ -1,4 +1,4 @@
-"""The command line: ``python -m merging merge|inspect|analyze|methods|emr-extract|zoo|bench ...``.
+"""The command line: ``python -m merging merge|inspect|analyze|evaluate|methods|emr-extract|zoo|bench ...``.
 
 Exit codes: 0 success, 2 bad input (one ``error:`` line on stderr), 1 internal failure (a bug: traceback shown).
 """
@@ -95,10 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Subcommands that live beside the modules they drive (analysis, EMR, zoo, bench)."""
     from . import analysis_cli, bench, emr_cli, methods_cli
+    from .evaluate import cli as evaluate_cli
     from .zoo import cli as zoo_cli
 
-    return [analysis_cli.add_commands, emr_cli.add_commands, methods_cli.add_commands, zoo_cli.add_commands,
-            bench.add_commands]
+    return [analysis_cli.add_commands, evaluate_cli.add_commands, emr_cli.add_commands, methods_cli.add_commands,
+            zoo_cli.add_commands, bench.add_commands]
 
 
 def main(argv: list[str] | None = None) -> int:

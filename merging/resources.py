@@ -147,9 +147,7 @@ def _output_bytes(plan) -> int:
 
 def free_resources(out_dir: str | os.PathLike) -> FreeResources:
     """Free memory (MemAvailable, or the cgroup's headroom when lower) and free disk where ``out_dir`` will be."""
-    memory, memory_source = _env_bytes(MEMORY_ENV), f"${MEMORY_ENV}"
-    if memory is None:
-        memory, memory_source = _available_memory()
+    memory, memory_source = free_memory()
     disk, disk_source = _env_bytes(DISK_ENV), f"${DISK_ENV}"
     if disk is None:
         folder = _existing_ancestor(Path(out_dir).absolute())
@@ -160,11 +158,36 @@ def free_resources(out_dir: str | os.PathLike) -> FreeResources:
     return FreeResources(memory, disk, memory_source, disk_source)
 
 
+def free_memory() -> tuple[int | None, str]:
+    """Free memory (bytes, or None when unknown) and where the figure came from: $MERGESCOPE_MEMORY_LIMIT, else
+    MemAvailable, lowered to the cgroup's headroom when that is smaller."""
+    memory = _env_bytes(MEMORY_ENV)
+    return (memory, f"${MEMORY_ENV}") if memory is not None else _available_memory()
+
+
+def checks_enabled() -> bool:
+    return os.environ.get(SWITCH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def require_memory(need: int, what: str, available: int | None = None, source: str = "") -> None:
+    """Raise MergeError with the figures when ``need`` bytes exceed the free memory (``available``, or the host's).
+
+    The same rule and message as a merge's pre-flight, for other jobs (``merging.evaluate``): ``what`` names the
+    job and what sets its peak."""
+    if not checks_enabled():
+        return
+    if available is None:
+        available, source = free_memory()
+    if available is not None and need > available:
+        raise MergeError(f"not enough memory: {what} needs about {_gb(need)} but only {_gb(available)} is "
+                         f"available ({source}); use a bigger machine, or set {SWITCH_ENV}=0 to try anyway")
+
+
 def check_resources(plan, out_dir: str | os.PathLike, sources: dict | None = None,
                     fused: bool | None = None) -> ResourceEstimate:
     """Raise MergeError with the figures when the merge's estimated memory or disk exceeds what is free."""
     estimate = estimate_resources(plan, sources, fused)
-    if os.environ.get(SWITCH_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not checks_enabled():
         return estimate
     free = free_resources(out_dir)
     if free.memory is not None and estimate.memory > free.memory:

@@ -51,7 +51,8 @@ def demo_yaml(served) -> str:
 
 def test_named_endpoints_are_public(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(endpoints) == {"/analyze", "/merge"}
+    assert set(endpoints) == {"/analyze", "/merge", "/evaluate"}
+    assert [p["label"] for p in endpoints["/evaluate"]["parameters"]] == ["config_yaml"]
     assert [p["label"] for p in endpoints["/merge"]["parameters"]] == ["config_yaml"]
 
 
@@ -121,6 +122,33 @@ def test_each_client_merges_into_its_own_session_folder(served, demo_yaml):
     for folder in new:
         assert (folder / "merge-1" / "model.safetensors").is_file()
     assert Path(files_a[-1]).read_bytes() == Path(files_b[-1]).read_bytes()
+
+
+def test_evaluate_endpoint_checks_the_merge_and_refuses_what_cannot_fit(served, tmp_path_factory, monkeypatch):
+    """/evaluate merges the config in the caller's session (or reuses that merge) and checks it beside its inputs;
+    a model too big for the machine's memory is refused with the figures, before anything is loaded."""
+    from lm_family import family, merge_yaml
+
+    config = merge_yaml(family(tmp_path_factory, "llama"))
+    root = served.sessions.root
+    before = set(root.iterdir()) if root.is_dir() else set()
+    caller = gradio_client.Client(served.url, verbose=False)
+    report = caller.predict(config, api_name="/evaluate")
+    assert report["kind"] == "causal_lm" and report["text"]["tokens"] == 2048
+    assert [r["role"] for r in report["rows"]] == ["base", "input", "input", "merged"]
+    assert report["verdict"]["status"] == "ok" and report["verdict"]["line"].startswith("verdict: OK: perplexity")
+    assert all(isinstance(r["perplexity"], float) for r in report["rows"])
+    assert len(report["continuations"]) == 5 and set(report["continuations"][0]["outputs"]) == {
+        r["label"] for r in report["rows"]}
+    (folder,) = set(root.iterdir()) - before
+
+    monkeypatch.setenv("MERGESCOPE_MEMORY_LIMIT", "50MB")
+    with pytest.raises(gradio_client.exceptions.AppError) as err:
+        caller.predict(config, api_name="/evaluate")
+    text = str(err.value)
+    assert "not enough memory: checking the merged model" in text and "only 50 MB is available" in text
+    assert "Traceback" not in text
+    assert sorted(p.name for p in folder.glob("merge-*") if p.is_dir()) == ["merge-1"]  # the session's merge, reused
 
 
 # --- no server needed ---------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The new user's path in a real browser: Debian's headless Chromium, driven by Playwright, against the app on
 loopback. Open the page (the demo models are there), Analyze (Plotly charts render), Merge (the progress bar moves),
-download the weights (a valid safetensors file); Cancel a merge (nothing is left); a bad config is explained.
+download the weights (a valid safetensors file); Cancel a merge (nothing is left); a bad config is explained; Check
+the merged model (a perplexity chart and the verdict).
 
 Merges of the demo models take well under a second, so these tests slow the merge down with the app's test-only
 ``tensor_delay_s`` (a sleep after each merged tensor) to watch the progress bar and to cancel in the middle.
@@ -251,3 +252,38 @@ def test_hub_search_adds_a_model_to_the_config(app_page, served, monkeypatch):
         n = len(served.demo.models)
         page.wait_for_function(f"document.querySelector('#model-{n} input').value === 'acme/ft-popular'")
         page.wait_for_function("document.querySelector('#config-yaml').innerText.includes('acme/ft-popular')")
+
+
+def test_check_the_merged_model_shows_the_perplexity_chart_and_the_verdict(app_page, tmp_path_factory):
+    """A small Llama family trained in the test (tests/lm_family.py): merge it with TIES, press Check, and see one
+    bar per model (base, two fine-tunes, merged), the caption, the continuations side by side and the verdict."""
+    from lm_family import family
+
+    fam = family(tmp_path_factory, "llama")
+    page = app_page
+    models = ", ".join(f"{{model: {t}, parameters: {{weight: 1.0, density: 0.5}}}}" for t in fam.tunes)
+    editor = page.locator("#config-yaml .cm-content")
+    editor.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.insert_text(f"{{merge_method: ties, base_model: {fam.base}, models: [{models}], "
+                              "parameters: {lambda: 1.0}}")
+    page.wait_for_function("document.querySelector('#yaml-status').innerText.includes('Valid config')")
+    page.click("#merge-button")
+    page.wait_for_function("document.querySelector('#merge-status').innerText.includes('Merged')")
+    page.click("#eval-button")
+    page.wait_for_selector("#eval-chart .js-plotly-plot .barlayer .point", timeout=90_000)
+    page.wait_for_function("document.querySelector('#eval-status').innerText.includes('verdict:')")
+    status = page.locator("#eval-status").inner_text()
+    assert "verdict: OK: perplexity" in status and "Traceback" not in status
+    assert page.locator("#eval-chart .barlayer .point").count() == 4
+    ticks = page.locator("#eval-chart .xtick text").evaluate_all("ts => ts.map(t => t.textContent)")
+    assert ticks == ["llama-base", "llama-ft0", "llama-ft1", "merged"]
+    assert "perplexity" in page.locator("#eval-chart .gtitle").text_content().lower()
+    assert "broken-merge limit" in page.locator("#eval-caption").inner_text()
+    header = page.locator("#eval-continuations th").evaluate_all("hs => hs.map(h => h.textContent.trim())")
+    assert header == ["prompt", "llama-base", "llama-ft0", "llama-ft1", "merged"]
+    assert page.locator("#eval-table").inner_text().count("llama-ft") == 2
+    if os.environ.get("MERGESCOPE_EVAL_SCREENSHOT"):
+        page.locator("#eval-status").scroll_into_view_if_needed()
+        page.screenshot(path=os.environ["MERGESCOPE_EVAL_SCREENSHOT"], full_page=True)
+

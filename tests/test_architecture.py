@@ -19,13 +19,14 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("config", ("merging.config",)),
     ("plan", ("merging.plan",)),
     ("engine", ("merging.engine", "merging.resources", "merging.writer")),
-    ("library top", ("merging.analysis", "merging.hub", "merging.zoo", "merging.report", "merging.charts",
+    ("library top", ("merging.analysis", "merging.hub", "merging.zoo", "merging.evaluate", "merging.report",
+                     "merging.charts",
                      "merging.bench", "merging.demo", "merging.inspect", "merging.emr_store", "merging.emr_cli",
                      "merging.analysis_cli", "merging.methods_cli", "merging.__main__", "merging")),
     ("ui", ("components",)),
     ("app", ("app",)),
 ]
-PLOTLY_ALLOWED = ("merging.charts", "merging.zoo.charts")
+PLOTLY_ALLOWED = ("merging.charts", "merging.zoo.charts", "merging.evaluate.charts")
 
 
 def modules() -> dict[str, Path]:
