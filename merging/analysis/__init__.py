@@ -4,8 +4,8 @@ From the same config as a merge, one streaming pass over the plan's tensor tasks
 sums from which every statistic is derived per tensor, per layer (the block index of ``merging.plan.layer_index``;
 embeddings, head and the rest as their own groups) and for the whole model. An exact pass goes by the engine's row
 bands, like a merge: each tensor first gets the trim's exact top-k cuts (and a sparsifying method's own) from the
-engine's statistics passes, a strided sample and a counting pass that the page cache serves, so no whole tensor is
-ever held. The sums run in one fused kernel (``merging.native``) on the CPU, else in torch.
+engine's statistics passes, a strided sample and a counting pass over bands held or served by the page cache, so a
+banded tensor is never held whole. The sums run in one fused kernel (``merging.native``) on the CPU, else in torch.
 With τ_i = θ_i − θ_base (float32, on the stored values):
 
 - task-vector norm ‖τ_i‖_F, and ‖τ_i‖ / ‖θ_base‖;

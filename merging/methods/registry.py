@@ -163,7 +163,7 @@ class MergeMethod:
         name), ``finalize(plan, reduced)`` (extra files for the output folder).
     What the analysis needs to know about it (``merging.analysis``):
         ``trim_key``: the key of ``ctx.stats`` holding the method's own magnitude top-k cuts of each task vector
-        at its ``density`` (a list of ``selection.Cut`` per model, the first the top-k), the analysis' trim
+        at its ``density`` (per model a list of ``selection.Cut``, the first its top-k): the analysis' trim
         (TIES), so it need not find them again;
         ``unified(result, name)``: from ``fn``'s dict of outputs, the task vector every task shares (EMR's
         τ_uni; None for a tensor kept per task), when the method stores one task vector and per-task masks and
