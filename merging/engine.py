@@ -74,6 +74,47 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def gather_stats(passes, params: dict, band_inputs, context, prepare, native=None):
+    """Run statistics passes over one tensor's bands and return what ``ctx.stats`` holds after them: per pass its
+    ``collect`` (or the fused ``native`` form) on every band, the parts summed or concatenated, then ``finish``.
+
+    ``band_inputs()``: a fresh iterator of (band, (base, models)) per pass; ``context(band, stats)``: a band's
+    TensorContext (band None: the whole tensor); ``prepare(base, models, stride)``: the float32 tensors ``collect``
+    sees (every ``stride``-th element); ``native(stats_pass, base, models, ctx)``: a pass's fused result on the
+    inputs as given, or None. The engine runs it on bands it reads; the analysis also on tensors in hand.
+    """
+    stats = None
+    for stats_pass in passes:
+        if stats_pass.needed is not None and not stats_pass.needed(params):
+            continue
+        if stats_pass.only_if is not None and not stats_pass.only_if(stats):
+            continue
+        combined: dict[str, torch.Tensor] = {}
+        for band, (base, models) in band_inputs():
+            ctx = context(band, stats)
+            stride = stats_pass.sample_stride
+            part = native(stats_pass, base, models, ctx) if native is not None and stride == 1 else None
+            if part is None:
+                part = stats_pass.collect(*prepare(base, models, stride), params, ctx)
+            combine(part, combined, stats_pass.concat)
+        for key in stats_pass.concat:
+            if key in combined:
+                combined[key] = torch.cat(combined[key])
+        stats = stats_pass.finish(combined, params, context(None, stats)) if stats_pass.finish else combined
+    return stats
+
+
+def combine(part: dict, combined: dict, concat: tuple[str, ...]) -> None:
+    """Add one band's statistics to the totals: summed, or collected for concatenation (keys in ``concat``)."""
+    for key, value in part.items():
+        if key not in combined:
+            combined[key] = [value] if key in concat else value
+        elif key in concat:
+            combined[key].append(value)
+        else:
+            combined[key] = combined[key] + value
+
+
 class Executor:
     """Runs a plan's tensor tasks over opened sources; shared by merging and analysis."""
 
@@ -98,7 +139,6 @@ class Executor:
         """Run statistics passes (default: the method's) over one tensor's bands (read again: the page cache serves
         them); ``params`` replaces the task's parameters for them. ``first``: (band, (base, models)), a band the
         caller already holds (the merge pass's current one), used instead of reading it again."""
-        stats = None
         bands = self.bands(task, self.is_elementwise())
         params = task.params if params is None else params
         if first is None or (task.name, first[0]) not in self._held:
@@ -107,48 +147,33 @@ class Executor:
             self._held[(task.name, first[0])] = first[1]
         hold = sum(self.sources[r.model].specs()[r.name].nbytes
                    for r in ([task.base] if task.base else []) + list(task.inputs)) <= HOLD_BYTES
-        for stats_pass in self.plan.method.stats if passes is None else passes:
-            if stats_pass.needed is not None and not stats_pass.needed(params):
-                continue
-            if stats_pass.only_if is not None and not stats_pass.only_if(stats):
-                continue
-            combined: dict[str, torch.Tensor] = {}
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stats-prefetch") as pool:
-                pending = pool.submit(self.held_inputs, task, bands[0], hold)
-                for i, band in enumerate(bands):
-                    base, models = pending.result()
-                    self.memory.check()
-                    if i + 1 < len(bands):
-                        pending = pool.submit(self.held_inputs, task, bands[i + 1], hold)
-                    stride = stats_pass.sample_stride
-                    ctx = self.context(task, band, reduced, stats)
-                    part = self.native_stats(stats_pass, task, base, models, ctx, params) if stride == 1 else None
-                    if part is not None:
-                        self.combine(part, combined, stats_pass.concat)
-                        continue
-                    if stride > 1:  # subsample before converting: a sampling pass costs a fraction of a merge
-                        base = base[:task.shared_rows].reshape(-1)[::stride] if base is not None else None
-                        models = [m[:task.shared_rows].reshape(-1)[::stride] for m in models]
-                    b = self.to_compute(base, None if stride > 1 else task.shared_rows) if base is not None else None
-                    ms = [self.to_compute(m, None if stride > 1 else task.shared_rows) for m in models]
-                    self.combine(stats_pass.collect(b, ms, params, ctx), combined, stats_pass.concat)
-            for key in stats_pass.concat:
-                if key in combined:
-                    combined[key] = torch.cat(combined[key])
-            ctx = self.context(task, None, reduced, stats)
-            stats = stats_pass.finish(combined, params, ctx) if stats_pass.finish else combined
-        return stats
 
-    @staticmethod
-    def combine(part: dict, combined: dict, concat: tuple[str, ...]) -> None:
-        """Add one band's statistics to the totals: summed, or collected for concatenation (keys in ``concat``)."""
-        for key, value in part.items():
-            if key not in combined:
-                combined[key] = [value] if key in concat else value
-            elif key in concat:
-                combined[key].append(value)
-            else:
-                combined[key] = combined[key] + value
+        return gather_stats(self.plan.method.stats if passes is None else passes, params,
+                            lambda: self.prefetched(task, bands, hold),
+                            lambda band, stats: self.context(task, band, reduced, stats),
+                            lambda base, models, stride: self.stats_inputs(task, base, models, stride),
+                            lambda stats_pass, base, models, ctx: self.native_stats(stats_pass, task, base, models,
+                                                                                    ctx, params))
+
+    def prefetched(self, task: TensorTask, bands: list[Band], hold: bool):
+        """(band, (base, models)) of each band for a statistics pass, the next one read on a second thread."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stats-prefetch") as pool:
+            pending = pool.submit(self.held_inputs, task, bands[0], hold)
+            for i, band in enumerate(bands):
+                inputs = pending.result()
+                self.memory.check()
+                if i + 1 < len(bands):
+                    pending = pool.submit(self.held_inputs, task, bands[i + 1], hold)
+                yield band, inputs
+
+    def stats_inputs(self, task: TensorTask, base, models, stride: int):
+        """What a statistics pass's ``collect`` sees of one band: float32, every ``stride``-th element."""
+        rows = task.shared_rows
+        if stride > 1:  # subsample before converting: a sampling pass costs a fraction of a merge
+            base = base[:rows].reshape(-1)[::stride] if base is not None else None
+            models = [m[:rows].reshape(-1)[::stride] for m in models]
+            rows = None
+        return (self.to_compute(base, rows) if base is not None else None), [self.to_compute(m, rows) for m in models]
 
     def native_ready(self, task: TensorTask, base, models, out_dtype=None) -> bool:
         """Whether this unit can go to the fused CPU kernels (merging/native) with its inputs as stored."""

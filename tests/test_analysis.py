@@ -356,6 +356,18 @@ def test_whole_model_nan_takes_a_reduction_pass_and_its_distance_matches_the_mer
     np.testing.assert_allclose(stats["model"]["nan_coefficients"], (1 / norms) / (1 / norms).sum(), rtol=1e-9)
 
 
+def test_the_json_has_exactly_the_keys_its_schema_documents(tmp_path):
+    from merging.analysis import schema
+
+    base, tunes = write_family(tmp_path / "m", n_models=2)
+    stats = analyze(parse_config(config_for("ties", base, tunes, model_params={"density": 0.5})))
+    assert list(stats) == schema.names(schema.TOP_LEVEL)
+    assert list(stats["meta"]) == schema.names(schema.META)
+    figures = {k: v for k, v in stats["model"].items() if k not in ("name", "kind", "layer", "tensors")}
+    flat = [f"emr.{k}" for k in figures.pop("emr")] + list(figures)
+    assert sorted(flat) == sorted(schema.names(schema.STATS_OBJECT))
+
+
 # --- the command line ------------------------------------------------------------------------------------------------
 
 def test_cli_writes_json_and_html(tmp_path, capsys):

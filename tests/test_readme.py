@@ -30,3 +30,9 @@ def test_space_front_matter_pins_gradio_and_the_app_file():
     front = README.split("---")[1]
     assert "sdk: gradio" in front and f"sdk_version: {gradio.__version__}" in front and "app_file: app.py" in front
     assert "hf_oauth: true" in front
+
+
+def test_analysis_json_schema_is_the_one_the_code_renders():
+    from merging.analysis import JSON_SCHEMA_DOC
+
+    assert JSON_SCHEMA_DOC in README, "the README's analysis JSON schema is not merging.analysis.JSON_SCHEMA_DOC"

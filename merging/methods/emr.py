@@ -358,6 +358,10 @@ def _skipped(name: str, params: dict) -> bool:
     return is_skipped(name, params["skip"])
 
 
+def _rescaler_from_means(params: dict) -> bool:
+    return params["rescaler"] == "tensor_mean"
+
+
 VISION = Preset("paper", "vision: classification heads kept per task (Huang et al.)", {"skip": ["head."]})
 
 _emr_reduce, _emr_merge = _make_fns(_unified_by_election)
@@ -373,6 +377,7 @@ register(MergeMethod(
     elementwise=True,  # τ_uni and the masks are per element; the rescaler sums add up over row bands
     reduce_after_merge=True,  # the rescalers only go to emr.json: gathered in the merge pass, no second read
     native=_emr_native, native_reduce=_emr_native_reduce, unified=_unified_of, skipped=_skipped,
+    rescaler_from_means=_rescaler_from_means,
 ))
 
 _rescale_reduce, _rescale_merge = _make_fns(_unified_by_method)
@@ -397,5 +402,5 @@ register(MergeMethod(
             RESCALER, SKIP),
     presets=(VISION,), base="required", min_models=1, randomized=False,
     reduce=_rescale_reduce, reduce_needed=check_plan, finalize=emr_finalize, outputs=emr_outputs,
-    reduce_after_merge=True, unified=_unified_of, skipped=_skipped,
+    reduce_after_merge=True, unified=_unified_of, skipped=_skipped, rescaler_from_means=_rescaler_from_means,
 ))

@@ -163,10 +163,15 @@ class MergeMethod:
         name), ``finalize(plan, reduced)`` (extra files for the output folder).
     What the analysis needs to know about it (``merging.analysis``):
         ``trim_key``: the key of ``ctx.stats`` holding the method's own magnitude top-k cuts of each task vector
-        when they are the analysis' trim (TIES), so it need not find them again;
+        at its ``density`` (per model a list of ``selection.Cut``, the first its top-k): the analysis' trim
+        (TIES), so it need not find them again;
         ``unified(result, name)``: from ``fn``'s dict of outputs, the task vector every task shares (EMR's
-        τ_uni), when the method stores one task vector and per-task modulators instead of one merged tensor;
-        ``skipped(name, params)``: tensors such a method keeps per task instead of merging.
+        τ_uni; None for a tensor kept per task), when the method stores one task vector and per-task masks and
+        rescalers λ_i = Σ|τ_i| / Σ|M_i ⊙ τ_uni| instead of one merged tensor: the analysis then rebuilds each task
+        for its merged distance and finds λ_i from its own sums (it runs no ``reduce`` pass for such a method);
+        ``skipped(name, params)``: tensors such a method keeps per task instead of merging;
+        ``rescaler_from_means(params)``: whether its λ_i are ratios of per-tensor means (each tensor's sums
+        divided by its numel, EMR's ``rescaler: tensor_mean``) rather than of sums over every element.
     """
 
     name: str
@@ -192,6 +197,7 @@ class MergeMethod:
     trim_key: str | None = None
     unified: Callable[[dict, str], torch.Tensor | None] | None = None
     skipped: Callable[[str, dict], bool] | None = None
+    rescaler_from_means: Callable[[dict], bool] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
