@@ -1,7 +1,7 @@
 """Merge diagnostics: where the fine-tunes agree, where they fight, and how the configured method resolves it.
 
 From the same config as a merge, one streaming pass over the plan's tensor tasks gathers, per tensor, additive
-sums from which every statistic is derived per tensor, per layer (the block index of ``merging.plan.layer_index``;
+sums from which every statistic is derived per tensor, per layer (the block of ``merging.architectures.Layers``;
 embeddings, head and the rest as their own groups) and for the whole model. An exact pass goes by the engine's row
 bands, like a merge: tensors of more than 256K elements first get the trim's exact top-k cuts (and a sparsifying
 method's own) from the engine's statistics passes, a strided sample and a counting pass that the page cache serves,
@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from . import native
+from .architectures import Layers
 from .config import MergeConfig
 from .engine import Executor, pick_device
 from .errors import ConfigError
@@ -70,7 +71,7 @@ from .methods.selection import Cut, topk_passes
 from .methods.task_vectors import sparsified_ranks
 from .native import ops
 from .native.rng import stable_seed
-from .plan import MergePlan, TensorTask, build_plan, layer_index
+from .plan import MergePlan, TensorTask, build_plan
 from .safetensors_io import DTYPES
 from .sources import CheckpointSource, open_sources
 
@@ -83,7 +84,7 @@ Z95 = 1.959963984540054
 CHUNK_ELEMENTS = 1 << 22  # statistics run over row chunks of about this many elements per model
 
 _HEAD_HINTS = ("lm_head", "embed_out", "classifier", "score.", "head.")
-_EMBED_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "cls_token", "pos_")
+_EMBED_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "cls_token", "pos_", "shared.weight")
 
 JSON_SCHEMA_DOC = r"""### Analysis JSON (`python -m merging analyze CONFIG --json OUT.json`)
 
@@ -522,11 +523,12 @@ def derive(sums: TensorSums, ctx: StatsContext) -> dict[str, Any]:
 
 # --- groups --------------------------------------------------------------------------------------------------------
 
-def group_of(name: str) -> tuple[str, str, int | None]:
-    """(group name, kind, layer) of a tensor: ``layer N`` inside the blocks, else embeddings, head or other."""
-    idx = layer_index(name)
-    if idx is not None:
-        return f"layer {idx}", "layer", idx
+def group_of(name: str, layers: Layers | None = None) -> tuple[str, str, int | None]:
+    """(group name, kind, layer) of a tensor: ``layer N`` inside the blocks (``encoder N`` / ``decoder N`` in a model
+    with several stacks, as ``layers`` of all its names tells), else embeddings, head or other."""
+    found = (layers or Layers.of([name])).group(name)
+    if found is not None:
+        return found[0], "layer", found[1]
     if any(h in name for h in _HEAD_HINTS) or name == "output.weight":
         return "head", "head", None
     if any(h in name for h in _EMBED_HINTS):
@@ -534,8 +536,8 @@ def group_of(name: str) -> tuple[str, str, int | None]:
     return "other", "other", None
 
 
-def _group_order(kind: str, layer: int | None) -> tuple[int, int]:
-    return {"embeddings": (0, 0), "layer": (1, layer or 0), "head": (2, 0), "other": (3, 0)}[kind]
+def _group_order(kind: str, layer: int | None, stack: int = 0) -> tuple[int, int, int]:
+    return {"embeddings": (0, 0, 0), "layer": (1, stack, layer or 0), "head": (2, 0, 0), "other": (3, 0, 0)}[kind]
 
 
 def model_labels(models: list[str]) -> list[str]:
@@ -808,13 +810,15 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], started:
     grouped: dict[str, list[TensorSums]] = {}
     kinds: dict[str, tuple[str, int | None]] = {}
     tensors_out = []
+    layers = Layers.of([task.name for task, _ in per_tensor])
+    stack_rank = {label: i for i, label in enumerate(dict.fromkeys(layers.labels[s] for s in layers.counts))}
     for task, sums in per_tensor:
-        group, kind, layer = group_of(task.name)
+        group, kind, layer = group_of(task.name, layers)
         grouped.setdefault(group, []).append(sums)
         kinds[group] = (kind, layer)
         tensors_out.append({"name": task.name, "group": group, "shape": list(task.spec.shape), **derive(sums, ctx)})
     groups_out = []
-    for group in sorted(grouped, key=lambda g: _group_order(*kinds[g])):
+    for group in sorted(grouped, key=lambda g: _group_order(*kinds[g], stack_rank.get(g.rsplit(" ", 1)[0], 0))):
         kind, layer = kinds[group]
         groups_out.append({"name": group, "kind": kind, "layer": layer, "tensors": len(grouped[group]),
                            **derive(TensorSums.add(grouped[group]), ctx)})

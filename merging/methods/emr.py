@@ -36,6 +36,8 @@ Stored in the output folder (names in ``model.safetensors`` or its shards):
     emr.task.<k>.<name>  a ``skip`` tensor as task k has it (output dtype)
     <name>               an integer tensor, copied from the base
     emr.json             task names, rescalers, variant, base reference, tensor list, storage report
+    task_config.json     the base's config.json with the output dtype (not config.json: the folder is not a model,
+                         so transformers refuses it; ``emr-extract`` writes it as a task's config.json)
 """
 
 from __future__ import annotations
@@ -369,7 +371,7 @@ register(MergeMethod(
     summary="elect one unified task vector, store a 1-bit mask and a rescaler per task; rebuild any task with "
             "emr-extract",
     paper=PAPER, params=(RESCALER, SKIP), presets=(VISION,), base="required", min_models=1,
-    reduce=_emr_reduce, reduce_needed=check_plan, finalize=emr_finalize, outputs=emr_outputs,
+    reduce=_emr_reduce, reduce_needed=check_plan, finalize=emr_finalize, outputs=emr_outputs, model_output=False,
     elementwise=True,  # τ_uni and the masks are per element; the rescaler sums add up over row bands
     reduce_after_merge=True,  # the rescalers only go to emr.json: gathered in the merge pass, no second read
     native=_emr_native, native_reduce=_emr_native_reduce, unified=_unified_of, skipped=_skipped,
@@ -397,5 +399,5 @@ register(MergeMethod(
             RESCALER, SKIP),
     presets=(VISION,), base="required", min_models=1, randomized=False,
     reduce=_rescale_reduce, reduce_needed=check_plan, finalize=emr_finalize, outputs=emr_outputs,
-    reduce_after_merge=True, unified=_unified_of, skipped=_skipped,
+    model_output=False, reduce_after_merge=True, unified=_unified_of, skipped=_skipped,
 ))
