@@ -74,7 +74,11 @@ class Layers:
                 counts[pos[0]] = max(counts.get(pos[0], 0), pos[1] + 1)
         if len(counts) == 1 and single_count:
             counts = {next(iter(counts)): single_count}
-        return cls(counts, stack_labels(counts))
+        labels = stack_labels(counts)
+        seen = list(counts)  # encoders first (a checkpoint lists its tensors alphabetically: decoder first)
+        order = sorted(seen, key=lambda s: (0 if any(w in labels[s] for w in ("encoder", "vision")) else 1,
+                                            seen.index(s)))
+        return cls({s: counts[s] for s in order}, labels)
 
     @property
     def total(self) -> int:

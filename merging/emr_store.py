@@ -192,9 +192,7 @@ def _write_side_files(folder: Path, emr: EmrMerge, base: CheckpointSource, base_
         data = base.read_file(name)
         if data is not None:
             (folder / name).write_bytes(data)
-    merged_config = emr.folder / "task_config.json"
-    if not merged_config.is_file():
-        merged_config = emr.folder / "config.json"  # written by versions before task_config.json
+    merged_config = emr.folder / "config.json"
     if merged_config.is_file():
         (folder / "config.json").write_bytes(merged_config.read_bytes())
     config_file = emr.folder / "merge_config.yml"

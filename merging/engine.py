@@ -28,7 +28,7 @@ from .resources import check_resources, uses_kernels
 from .safetensors_io import DTYPES
 from .sources import CheckpointSource, open_sources
 from .sources.base import TensorSpec
-from .writer import OutputFolder, ShardedWriter, parse_size, write_side_files
+from .writer import NON_MODEL_STEM, OutputFolder, ShardedWriter, parse_size, write_side_files
 
 
 @dataclass(frozen=True)
@@ -320,7 +320,8 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
             reduced = None if after_merge else executor.reduction()
             outputs = _planned_outputs(plan)
             planned = dict(outputs)
-            writer = ShardedWriter(tmp, outputs, shard_bytes)
+            writer = ShardedWriter(tmp, outputs, shard_bytes,
+                                   stem="model" if plan.method.model_output else NON_MODEL_STEM)
             stats = totals = None
             nonfinite: dict[str, int] = {}
             try:

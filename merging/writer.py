@@ -47,8 +47,9 @@ class ShardedWriter:
     """Writes planned tensors into pre-sized shards; ``write`` may be called in any order, from any thread."""
 
     def __init__(self, folder: Path, outputs: list[tuple[str, TensorSpec]], max_shard_size: int,
-                 metadata: dict | None = None) -> None:
+                 metadata: dict | None = None, stem: str = "model") -> None:
         self.folder = folder
+        self.index_name = f"{stem}.safetensors.index.json"
         groups: list[list[tuple[str, TensorSpec]]] = [[]]
         size = 0
         for name, spec in outputs:
@@ -58,8 +59,8 @@ class ShardedWriter:
             groups[-1].append((name, spec))
             size += spec.nbytes
         n = len(groups)
-        self.files = (["model.safetensors"] if n == 1
-                      else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)])
+        self.files = ([f"{stem}.safetensors"] if n == 1
+                      else [f"{stem}-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)])
         self._where: dict[str, tuple[int, int, TensorSpec]] = {}  # name -> (fd, absolute offset, spec)
         self._fds: list[int] = []
         self.weight_map: dict[str, str] = {}
@@ -113,7 +114,7 @@ class ShardedWriter:
         self.close()
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
-            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            (self.folder / self.index_name).write_text(json.dumps(index, indent=2) + "\n")
 
     def close(self) -> None:
         for fut in self._pending:
@@ -213,7 +214,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-MODEL_CONFIG_OF_NON_MODEL = "task_config.json"  # where an output that is not a model keeps the model's config
+NON_MODEL_STEM = "merge"  # weights of an output that is not a model: merge.safetensors, which from_pretrained ignores
 
 
 def write_side_files(folder: Path, plan, sources: dict, reduced) -> None:
@@ -234,8 +235,7 @@ def write_side_files(folder: Path, plan, sources: dict, reduced) -> None:
             (folder / name).write_bytes(data)
     out_cfg = _output_config(plan, ref)
     if out_cfg is not None:
-        name = "config.json" if plan.method.model_output else MODEL_CONFIG_OF_NON_MODEL
-        (folder / name).write_text(json.dumps(out_cfg, indent=2) + "\n")
+        (folder / "config.json").write_text(json.dumps(out_cfg, indent=2) + "\n")
     config_yaml = plan.config.to_yaml()
     (folder / "merge_config.yml").write_text(config_yaml)
     if plan.method.finalize is not None:

@@ -14,11 +14,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 VOCAB = 64
 CORPUS = ["the quick brown fox jumps over the lazy dog", "merging models is fun and sometimes hard",
           "a small model learns a few words"] * 40
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread while a module's tests run: tiny models train and run several times faster so (on a
+    shared 2-core machine, intra-op threads mostly wait for each other). Import it into a test module."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,9 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
                                         decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1,
                                         bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
                                         forced_eos_token_id=2), "BartForConditionalGeneration", "seq2seq", "gpt2"),
+    # saved per expert (transformers 5 writes the original layout); it holds them fused at runtime
+    _arch("mixtral_moe", _decoder("MixtralConfig", num_local_experts=4, num_experts_per_tok=2),
+          "MixtralForCausalLM", "tokens", "bpe"),
 ]}
 
 

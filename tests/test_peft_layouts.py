@@ -12,13 +12,15 @@ import json
 
 import pytest
 import torch
-from real_models import ARCHS, load, outputs, train
+from real_models import ARCHS, load, one_torch_thread, outputs, train
 from safetensors.torch import load_file
 
 from merging import parse_config, run_merge
 from merging.sources import open_sources
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+assert one_torch_thread  # a fixture: imported for pytest to find
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(600)]
 
 # (case, architecture, LoraConfig keyword arguments)
 CASES = [
@@ -57,7 +59,7 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
+def adapters(tmp_path_factory, one_torch_thread):
     """{case: (base folder, adapter folder, merge_and_unload's folder)}; bases shared per architecture."""
     from peft import LoraConfig, get_peft_model
 

@@ -29,15 +29,15 @@ shows this lifts task arithmetic and TIES. The other method's parameters are pas
 ``emr_rescale`` declares them (weight, density, gamma, epsilon, normalize); the rest take that method's defaults.
 Its ``lambda`` is left at 1: the rescalers cancel any overall scale of τ_uni.
 
-Stored in the output folder (names in ``model.safetensors`` or its shards):
+Stored in the output folder, in ``merge.safetensors`` (or its shards ``merge-0000k-of-0000n.safetensors``): not
+``model.safetensors``, so that transformers refuses the folder instead of loading a model without its weights
+(the folder is not a model; ``emr-extract`` writes one):
     emr.tau_uni.<name>   τ_uni in the output dtype, the base's shape
     emr.mask.<k>.<name>  task k's mask, 1 bit per element (uint8, numpy.packbits order: row-major, first element
                          in the most significant bit, the last byte padded with zeros), ceil(numel / 8) bytes
     emr.task.<k>.<name>  a ``skip`` tensor as task k has it (output dtype)
     <name>               an integer tensor, copied from the base
     emr.json             task names, rescalers, variant, base reference, tensor list, storage report
-    task_config.json     the base's config.json with the output dtype (not config.json: the folder is not a model,
-                         so transformers refuses it; ``emr-extract`` writes it as a task's config.json)
 """
 
 from __future__ import annotations

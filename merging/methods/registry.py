@@ -163,8 +163,8 @@ class MergeMethod:
     What it writes:
         ``outputs(task)`` (the (name, spec) pairs written for one input tensor, when not one tensor of the same
         name), ``finalize(plan, reduced)`` (extra files for the output folder), ``model_output`` (False when the
-        output is not a model by itself, as EMR's: its config is written as ``task_config.json``, so transformers
-        refuses the folder instead of loading weights it does not hold).
+        output is not a model by itself, as EMR's: its tensors go to ``merge.safetensors``, so transformers
+        refuses the folder instead of loading a model without its weights).
     What the analysis needs to know about it (``merging.analysis``):
         ``trim_key``: the key of ``ctx.stats`` holding the method's own magnitude top-k cuts of each task vector
         when they are the analysis' trim (TIES), so it need not find them again;
