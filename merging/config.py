@@ -241,25 +241,34 @@ def load_config(path: str) -> MergeConfig:
     return parse_config(text, source=path)
 
 
+_BRANCHES = {"TokenSource", "TokenEmbedding", "TokenizerSpec", "Slice", "SliceSource", "Module", "ModelEntry"}
 _FIELDS_AT = {"": MergeConfig, "models": ModelEntry, "slices": Slice, "sources": SliceSource, "modules": Module,
               "tokenizer": TokenizerSpec, "tokens": TokenEmbedding, "source": TokenSource}
 
 
 def _first_error(exc: ValidationError) -> str:
     errors = exc.errors()
-    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # a typo is also a missing key
-    where = ".".join(str(p) for p in err["loc"]) or "config"
+    # a typo is also a missing key: report the typo; a union's branches each complain: report the rule that failed
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), None) or \
+        next((e for e in errors if e["type"] == "value_error"), errors[0])
+    loc = tuple(p for p in err["loc"] if not _is_branch(p))
+    where = ".".join(str(p) for p in loc) or "config"
     if err["type"] == "extra_forbidden":
-        return f"unknown key `{where}`{_suggestion(err['loc'])}"
+        return f"unknown key `{where}`{_suggestion(loc)}"
     if err["type"] == "missing":
         return f"missing key `{where}`"
     msg = err["msg"].removeprefix("Value error, ")
     return f"`{where}`: {msg}"
 
 
+def _is_branch(part) -> bool:
+    """pydantic names the branch of a union it tried (``str``, ``TokenSource``) among the keys of a location."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or part in _BRANCHES or "[" in part)
+
+
 def _suggestion(loc: tuple) -> str:
     """`` (did you mean `dtype`?)`` for a misspelt key, from the keys allowed where it stands."""
-    named = [p for p in loc[:-1] if isinstance(p, str) and not p.startswith(("str", "TokenSource"))]
+    named = [p for p in loc[:-1] if isinstance(p, str)]
     parent = named[-1] if named else ""
     if len(named) >= 2 and named[-2] in ("modules", "tokens") and isinstance(loc[-2], str):
         parent = named[-2]  # modules.<name>.key, tokens.<token>.key
