@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from typing import Any, Literal
 
 import yaml
@@ -263,11 +264,14 @@ def _first_error(exc: ValidationError) -> str:
 
 def _is_branch(part) -> bool:
     """pydantic names the branch of a union it tried (``str``, ``TokenSource``) among the keys of a location."""
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or part in _BRANCHES or "[" in part)
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or part in _BRANCHES
+                                      or re.fullmatch(r"[\w-]+\[.*\]", part) is not None)
 
 
 def _suggestion(loc: tuple) -> str:
     """`` (did you mean `dtype`?)`` for a misspelt key, from the keys allowed where it stands."""
+    if not loc:
+        return ""
     named = [p for p in loc[:-1] if isinstance(p, str)]
     parent = named[-1] if named else ""
     if len(named) >= 2 and named[-2] in ("modules", "tokens") and isinstance(loc[-2], str):
