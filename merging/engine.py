@@ -19,7 +19,7 @@ import torch
 
 from . import native
 from .bands import HOLD_BYTES, Band, is_elementwise, row_bands
-from .config import MergeConfig
+from .config import SAFETENSORS_DTYPE, MergeConfig
 from .errors import Cancelled, MergeError
 from .memory import RetainedMemory, reuse_freed_memory
 from .methods.registry import REDUCED, TensorContext
@@ -28,7 +28,7 @@ from .resources import check_resources, uses_kernels
 from .safetensors_io import DTYPES
 from .sources import CheckpointSource, open_sources
 from .sources.base import TensorSpec
-from .writer import OutputFolder, ShardedWriter, parse_size, write_side_files
+from .writer import NON_MODEL_STEM, OutputFolder, ShardedWriter, parse_size, write_side_files
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,8 @@ class Executor:
         self.progress = progress
         self.cancel = cancel or (lambda: False)
         self.memory = RetainedMemory()
+        name = plan.config.dtype
+        self._load_dtype = DTYPES[SAFETENSORS_DTYPE[name]] if name else None
         self._held: dict[tuple, tuple] = {}  # (tensor, band) -> inputs kept between a tensor's passes
 
     def bands(self, task: TensorTask, elementwise: bool) -> list[Band]:
@@ -214,10 +216,18 @@ class Executor:
         return held if held is not None else self.read_inputs(task, band)
 
     def read_inputs(self, task: TensorTask, band: tuple[int, int] | None = None):
-        """The task's tensors (or one row band of them) as stored, on the CPU."""
-        base = self.sources[task.base.model].read(task.base.name, band) if task.base else None
-        models = [self.sources[r.model].read(r.name, band) for r in task.inputs]
+        """The task's tensors (or one row band of them) on the CPU, as stored or in the config's ``dtype``."""
+        base = self.as_loaded(self.sources[task.base.model].read(task.base.name, band)) if task.base else None
+        models = [self.as_loaded(self.sources[r.model].read(r.name, band)) for r in task.inputs]
         return base, models
+
+    def as_loaded(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A float input in the config's ``dtype``, as mergekit loads every input before merging (so a float32
+        checkpoint merged with ``dtype: bfloat16`` is rounded to bfloat16 first, then merged in float32)."""
+        dtype = self._load_dtype
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            return tensor.to(dtype)
+        return tensor
 
     def to_compute(self, tensor: torch.Tensor, rows: int | None) -> torch.Tensor:
         if rows is not None:
@@ -345,7 +355,8 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
             reduced = None if after_merge else executor.reduction()
             outputs = _planned_outputs(plan)
             planned = dict(outputs)
-            writer = ShardedWriter(tmp, outputs, shard_bytes)
+            writer = ShardedWriter(tmp, outputs, shard_bytes,
+                                   stem="model" if plan.method.model_output else NON_MODEL_STEM)
             stats = totals = None
             nonfinite: dict[str, int] = {}
             try:
