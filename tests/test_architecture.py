@@ -19,7 +19,7 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("config", ("merging.config",)),
     ("plan", ("merging.plan",)),
     ("engine", ("merging.engine", "merging.resources", "merging.writer")),
-    ("library top", ("merging.analysis", "merging.hub", "merging.zoo", "merging.report", "merging.charts",
+    ("library top", ("merging.analysis", "merging.advice", "merging.hub", "merging.zoo", "merging.report", "merging.charts",
                      "merging.bench", "merging.demo", "merging.inspect", "merging.emr_store", "merging.emr_cli",
                      "merging.analysis_cli", "merging.methods_cli", "merging.__main__", "merging")),
     ("ui", ("components",)),
