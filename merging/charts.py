@@ -20,7 +20,7 @@ from plotly.subplots import make_subplots
 
 PALETTE = list(qualitative.Plotly) + list(qualitative.Dark24)
 NEUTRAL = ("#2f3e46", "#c1121f")  # model-independent series (sign conflict): not in the model palette
-LAYOUT = dict(template="plotly_white", height=440, margin=dict(l=60, r=20, t=60, b=50),
+LAYOUT = dict(template="plotly_white", height=400, margin=dict(l=60, r=20, t=60, b=50),
               legend=dict(title="model", orientation="h", yanchor="top", y=-0.18, x=0, xanchor="left"),
               hoverlabel=dict(namelength=-1))
 DIGITS = ".3g"  # significant digits of every number in a legend or a hover
@@ -174,7 +174,7 @@ def emr_modulators_chart(stats: dict) -> go.Figure:
                 hovertemplate=f"{label}<br>%{{x}}<br>{key.replace('_', ' ')}: %{{customdata}}"
                               f"<br>whole-model λ = {_fmt(lambdas[i])}<extra></extra>"), row=row, col=1)
     title = "EMR per task: mask density and rescaler by layer" + _mode_note(stats, intervals=True)
-    fig = _finish(fig, title, "", "", height=600, legend={**LAYOUT["legend"], "y": -0.1})
+    fig = _finish(fig, title, "", "", height=560, legend={**LAYOUT["legend"], "y": -0.1})
     fig.update_xaxes(title_text="layer group", row=2, col=1)
     fig.update_yaxes(title_text="density", row=1, col=1)
     fig.update_yaxes(title_text="λ", row=2, col=1)
@@ -198,7 +198,7 @@ def emr_reconstruction_chart(stats: dict) -> go.Figure:
                 line=dict(color=colors[model]), marker=dict(color=colors[model]),
                 hovertemplate=f"{label}<br>%{{x}}<br>{title}: ‖θ − θ̂‖/‖τ‖ = %{{y:.3g}}<extra></extra>"),
                 row=row, col=1)
-    fig = _finish(fig, "EMR rebuild error by layer (lower is closer)" + _mode_note(stats), "", "", height=720,
+    fig = _finish(fig, "EMR rebuild error by layer (lower is closer)" + _mode_note(stats), "", "", height=660,
                   legend={**LAYOUT["legend"], "y": -0.08})
     fig.update_xaxes(title_text="layer group", row=3, col=1)
     return fig
