@@ -32,8 +32,8 @@ CSS = """
 #config-yaml .cm-editor { font-size: 12px; }
 /* clip, not hidden: no scroll box of its own, so the merge bar can stick to the window */
 .gradio-container { max-width: 1400px !important; overflow: clip !important; }
-.param-row { flex-wrap: wrap !important; }
-.param-row > * { flex: 1 1 150px !important; min-width: 150px !important; }
+.param-row, .param-row .form { flex-wrap: wrap !important; }
+.param-row > *, .param-row .form > * { flex: 1 1 150px !important; min-width: 150px !important; }
 #hub-search { flex-wrap: wrap !important; }
 .status-error { color: #991b1b; background: #fef2f2; border-left: 3px solid #b91c1c; padding: 6px 10px;
                 border-radius: 4px; overflow-wrap: anywhere; }

@@ -173,6 +173,8 @@ def wire_analysis_panel(panel: AnalysisPanel, cf, settings: AppSettings, session
 
             def on_progress(p) -> None:
                 progress(p.fraction, desc=progress_text(p, "analyzing"))
+                if settings.tensor_delay_s:
+                    time.sleep(settings.tensor_delay_s)
 
             stats = analyze_config(config, settings, token=hf_token(oauth_token), mode=values[panel.mode],
                                    progress=on_progress, cancel=session.cancel.is_set)

@@ -93,7 +93,7 @@ class AppSettings:
     archive_limit_bytes: int = 2 * 1024 ** 3  # build a zip of all outputs only below this size
     merge_concurrency: int = 1
     sample_threshold_bytes: int = 2 * 1024 ** 3  # analyses of bigger inputs are sampled by default
-    tensor_delay_s: float = 0.0  # test-only throttle: seconds slept after each merged tensor (see tests)
+    tensor_delay_s: float = 0.0  # test-only throttle: seconds slept after each merged or analyzed tensor
 
     @classmethod
     def from_env(cls, *, host: str | None = None, share: bool = False, **overrides: Any) -> "AppSettings":

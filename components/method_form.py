@@ -211,30 +211,50 @@ class ConfigForm:
                 out[comp] = gr.update(value=value)
         return out
 
-    def view_updates(self, view: FormView, state: FormState | None = None) -> dict:
+    def shown_state(self, values: Mapping) -> FormState | None:
+        """The state the page shows the view of: the last one synced (every handler keeps the view in step)."""
+        fields = (values.get(self.synced) or {}).get("fields")
+        return FormState.from_fields(fields) if fields else None
+
+    def view_updates(self, view: FormView, state: FormState | None = None, values: Mapping | None = None) -> dict:
+        """Updates that make the page show ``view``; with the event's ``values``, only what differs from the view
+        the page shows now (``shown_state``): a few updates, not a hundred."""
         form, picker = self.form, self.picker
-        out = {group: gr.update(visible=name == view.method) for name, group in form.groups.items()}
-        out[form.summary] = gr.update(value=view.summary)
-        out[form.preset] = gr.update(choices=list(view.preset_choices), value=None)
-        out[form.nan_row] = gr.update(visible=view.nan_visible)
-        out[picker.base] = gr.update(label=view.base_label)
-        out[picker.count_note] = gr.update(value=view.count_note)
-        out[picker.keep_first] = gr.update(visible=view.keep_first is not None,
-                                           value=f"Keep the first {view.keep_first}" if view.keep_first else None)
         rows = state.models if state is not None else []
+        old = old_rows = None
+        before = self.shown_state(values) if values is not None else None
+        if before is not None and before.method in REGISTRY:
+            old, old_rows = form_view(before), before.models
+        out = {}
+        if old is None or old.method != view.method:
+            out.update({group: gr.update(visible=name == view.method) for name, group in form.groups.items()})
+            out[form.summary] = gr.update(value=view.summary)
+            out[form.preset] = gr.update(choices=list(view.preset_choices), value=None)
+        if old is None or old.nan_visible != view.nan_visible:
+            out[form.nan_row] = gr.update(visible=view.nan_visible)
+        if old is None or old.base_label != view.base_label:
+            out[picker.base] = gr.update(label=view.base_label)
+        if old is None or (old.count_note, old.keep_first) != (view.count_note, view.keep_first):
+            out[picker.count_note] = gr.update(value=view.count_note)
+            out[picker.keep_first] = gr.update(visible=view.keep_first is not None,
+                                               value=f"Keep the first {view.keep_first}" if view.keep_first else None)
         for i, (slot, visible) in enumerate(zip(picker.slots, view.rows_visible)):
-            out[slot.row] = gr.update(visible=visible)
-            out[slot.remove] = gr.update(visible=i < len(rows) and bool(rows[i].model))
+            if old is None or old.rows_visible[i] != visible:
+                out[slot.row] = gr.update(visible=visible)
+            filled = i < len(rows) and bool(rows[i].model)
+            if old_rows is None or (i < len(old_rows) and bool(old_rows[i].model)) != filled:
+                out[slot.remove] = gr.update(visible=filled)
             for name, comp in slot.fields.items():
                 shown = view.model_fields[name]
-                out[comp] = gr.update(visible=shown.visible, label=shown.label)
+                if old is None or old.model_fields[name] != shown:
+                    out[comp] = gr.update(visible=shown.visible, label=shown.label)
         return out
 
     def show_state(self, state: FormState, values: Mapping, text: str | None = None) -> dict:
         """Every update that shows ``state`` in the form and its config (``text``, else the form's) in the YAML."""
         if text is None:
             text = dump_yaml(config_from_form(state, self.current_config(values)))
-        return merged_updates(self.value_updates(state, values), self.view_updates(form_view(state), state),
+        return merged_updates(self.value_updates(state, values), self.view_updates(form_view(state), state, values),
                               {self.form.yaml: text, self.form.yaml_status: validation_message(text),
                                self.synced: {"fields": comparable(state), "yaml": text}})
 
@@ -275,15 +295,15 @@ def wire_method_form(cf: ConfigForm) -> None:
             return {form.yaml_status: ""}
         fields = comparable(state)
         if fields == (values.get(cf.synced) or {}).get("fields"):
-            return {}  # the echo of a value the app set, or no change: the YAML already says it
+            return gr.skip()  # the echo of a value the app set, or no change: the YAML already says it
         text = dump_yaml(config_from_form(state, cf.current_config(values)))
-        return cf.view_updates(form_view(state), state) | {
+        return cf.view_updates(form_view(state), state, values) | {
             form.yaml: text, form.yaml_status: validation_message(text), cf.synced: {"fields": fields, "yaml": text}}
 
     def yaml_changed(values: dict) -> dict:
         text = values[form.yaml] or ""
         if text == (values.get(cf.synced) or {}).get("yaml"):
-            return {}  # the form wrote it
+            return gr.skip()  # the form wrote it
         status = validation_message(text)
         data = safe_mapping(text)
         if not data:
@@ -291,7 +311,7 @@ def wire_method_form(cf: ConfigForm) -> None:
         state, notes = form_from_config(data, cf.read(values))
         if notes:
             status += "  \n" + "  \n".join(f"Note: {n}" for n in notes[:6])
-        return merged_updates(cf.value_updates(state, values), cf.view_updates(form_view(state), state),
+        return merged_updates(cf.value_updates(state, values), cf.view_updates(form_view(state), state, values),
                               {form.yaml_status: status, cf.synced: {"fields": comparable(state), "yaml": text}})
 
     def preset_chosen(values: dict) -> dict:
@@ -306,9 +326,10 @@ def wire_method_form(cf: ConfigForm) -> None:
         return cf.value_updates(shown, values) | {form.yaml: text, form.yaml_status: validation_message(text),
                                                   cf.synced: {"fields": comparable(shown), "yaml": text}}
 
-    for comp in cf.value_components():
-        comp.change(form_changed, inputs, form_outputs, queue=False, api_visibility="private",
-                    trigger_mode="always_last", show_progress="hidden")
+    # One listener for every field: when the app sets many at once (a YAML edit, a removed row), their change
+    # events collapse into one pending call (always_last), not one request per field.
+    gr.on([comp.change for comp in cf.value_components()], form_changed, inputs, form_outputs, queue=False,
+          api_visibility="private", trigger_mode="always_last", show_progress="hidden")
     form.yaml.change(yaml_changed, inputs, list(dict.fromkeys([*cf.value_components(), *cf.view_components(),
                                                                form.yaml_status, cf.synced])),
                      queue=False, api_visibility="private", trigger_mode="always_last", show_progress="hidden")
@@ -329,7 +350,7 @@ def wire_model_list(cf: ConfigForm) -> None:
     def keep(values: dict) -> dict:
         state = cf.read(values)
         n = REGISTRY[state.method].max_models if state.method in REGISTRY else None
-        return cf.show_state(keep_first(state, n), values) if n else {}
+        return cf.show_state(keep_first(state, n), values) if n else gr.skip()
 
     for i, slot in enumerate(cf.picker.slots):
         slot.remove.click(remover(i), cf.inputs(), outputs, queue=False, api_visibility="private",

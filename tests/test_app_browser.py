@@ -217,7 +217,13 @@ def test_emr_merge_offers_each_task_as_a_download(app_page, served):
     page.click("#merge-button")
     page.wait_for_selector("#emr-button")
     assert page.locator("#emr-task input").input_value() == next(iter(demo.models.values()))
-    page.click("#emr-button")
+    assert "not a model on its own" in page.locator("#emr-note").inner_text()  # issue 14: EMR says what it is
+    with page.expect_download() as info:  # Materialize downloads the task's model at once (one zip)
+        page.click("#emr-button")
+    import zipfile
+
+    with zipfile.ZipFile(info.value.path()) as zf:
+        assert any(n.endswith("/model.safetensors") for n in zf.namelist())
     page.wait_for_function("document.querySelector('#emr-files').innerText.includes('.safetensors')")
     links = page.locator("#emr-files a").evaluate_all("as => as.map(a => a.href)")
     weights = [h for h in links if h.endswith(".safetensors")]
