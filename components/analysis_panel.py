@@ -136,7 +136,7 @@ def build_analysis_panel() -> AnalysisPanel:
         with gr.Row(equal_height=False):
             recommendation = gr.Markdown(elem_id="advice-recommendation", padding=True, min_width=240)
             apply = gr.Button("Apply", variant="primary", size="sm", scale=0, min_width=80, elem_id="apply-advice")
-        apply_status = gr.Markdown(elem_id="apply-status", padding=True)
+        apply_status = gr.Markdown(elem_id="apply-status", padding=False)
         findings = gr.Markdown(elem_id="advice-findings", elem_classes=["findings"], padding=True)
     recommended = gr.State("")
     with gr.Column(visible="hidden", elem_id="diagnostics-charts") as charts:

@@ -4,7 +4,8 @@ results, Analyze shows progress and says Done only with its charts drawn, the pa
 1400 px with no clipped label, the model list shrinks (remove, keep the first N), Apply fills the form with the
 recommended method, and the merge's files are listed with full names and the table's sizes.
 
-Screenshots of each width go to /tmp/mergescope-shots/ (override with MERGESCOPE_SHOTS).
+Screenshots of each width go to /tmp/mergescope-shots/ (override with MERGESCOPE_SHOTS): the whole page after
+Analyze (``after-analyze-W.png``) and one screen from the diagnostics' heading (``screen-W.png``).
 """
 
 from __future__ import annotations
@@ -209,6 +210,8 @@ def check_reading_order(page, width: int) -> None:
     assert merge["y"] + merge["height"] <= WIDTHS[width], "Merge is more than one screen below the diagnostics"
     assert page.locator("#merge-status").is_visible()
     SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"screen-{width}.png"))  # what one screen shows from the diagnostics on
+    page.evaluate("window.scrollTo(0, document.documentElement.scrollHeight)")  # the merge bar back in its place
     page.screenshot(path=str(SHOTS / f"after-analyze-{width}.png"), full_page=True)
     page.evaluate("window.scrollTo(0, 0)")
 
