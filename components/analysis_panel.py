@@ -160,7 +160,11 @@ def wire_analysis_panel(panel: AnalysisPanel, cf, settings: AppSettings, session
                panel.last_run]
 
     def analyze(values: dict, request: gr.Request, oauth_token: gr.OAuthToken | None = None,
-                progress=gr.Progress()) -> dict:  # noqa: B008 - Gradio's way of asking for a progress bar
+                progress=gr.Progress()):  # noqa: B008 - Gradio's way of asking for a progress bar
+        yield {panel.status: "Analyzing…", panel.pending: ""}  # the last run's "Done" does not stay up meanwhile
+        yield run_analysis(values, request, oauth_token, progress)
+
+    def run_analysis(values: dict, request: gr.Request, oauth_token, progress) -> dict:
         from merging import charts
         from merging.advice import advise, recommended_yaml
 

@@ -61,6 +61,9 @@ __all__ = ["ConfigForm", "MethodForm", "build_method_form", "build_yaml_view", "
            "validation_message", "wire_method_form", "wire_model_list"]
 
 
+PRESET_PROMPT = "choose a preset…"  # the dropdown's first entry, in place of a placeholder (it applies nothing)
+
+
 def _param_component(p: Param, method: str, visible: bool = True):
     kwargs = dict(label=p.name, info=param_info(p), elem_id=f"param-{method}-{p.name}", visible=visible)
     if p.type is list:  # a list of strings (name filters): one comma-separated line
@@ -98,7 +101,7 @@ def build_method_form(demo: DemoModels) -> MethodForm:
     initial = demo.method if demo.method in REGISTRY else names[0]
     with gr.Row(equal_height=True):
         method = gr.Dropdown(names, value=initial, label="Merge method", scale=2, elem_id="method")
-        preset = gr.Dropdown(list(presets_for(REGISTRY[initial])), value=None, label="Preset",
+        preset = gr.Dropdown([PRESET_PROMPT, *presets_for(REGISTRY[initial])], value=PRESET_PROMPT, label="Preset",
                              info="fill the form with a paper's settings, or the defaults", scale=2, elem_id="preset")
     summary = gr.Markdown(method_markdown(REGISTRY[initial]), elem_id="method-summary")
     groups, fields = {}, {}
@@ -229,7 +232,7 @@ class ConfigForm:
         if old is None or old.method != view.method:
             out.update({group: gr.update(visible=name == view.method) for name, group in form.groups.items()})
             out[form.summary] = gr.update(value=view.summary)
-            out[form.preset] = gr.update(choices=list(view.preset_choices), value=None)
+            out[form.preset] = gr.update(choices=[PRESET_PROMPT, *view.preset_choices], value=PRESET_PROMPT)
         if old is None or old.nan_visible != view.nan_visible:
             out[form.nan_row] = gr.update(visible=view.nan_visible)
         if old is None or old.base_label != view.base_label:
@@ -326,10 +329,21 @@ def wire_method_form(cf: ConfigForm) -> None:
         return cf.value_updates(shown, values) | {form.yaml: text, form.yaml_status: validation_message(text),
                                                   cf.synced: {"fields": comparable(shown), "yaml": text}}
 
-    # One listener for every field: when the app sets many at once (a YAML edit, a removed row), their change
-    # events collapse into one pending call (always_last), not one request per field.
-    gr.on([comp.change for comp in cf.value_components()], form_changed, inputs, form_outputs, queue=False,
-          api_visibility="private", trigger_mode="always_last", show_progress="hidden")
+    def field_changed(name: str):
+        """A field's change: an echo when the field now holds what the app last synced for it (the app set it:
+        a YAML edit, Apply, a removed row). Judged field by field, so the events of many fields set at once (each
+        carrying values the page is still updating) never write a half-updated config."""
+        def handler(values: dict):
+            synced = (values.get(cf.synced) or {}).get("fields") or {}
+            now = comparable(FormState.from_fields({"method": "", name: values[cf.components[name]]}))
+            if name in synced and now.get(name) == synced[name]:
+                return gr.skip()
+            return form_changed(values)
+        return handler
+
+    for name, comp in cf.components.items():
+        comp.change(field_changed(name), inputs, form_outputs, queue=False, api_visibility="private",
+                    trigger_mode="always_last", show_progress="hidden")
     form.yaml.change(yaml_changed, inputs, list(dict.fromkeys([*cf.value_components(), *cf.view_components(),
                                                                form.yaml_status, cf.synced])),
                      queue=False, api_visibility="private", trigger_mode="always_last", show_progress="hidden")

@@ -198,9 +198,12 @@ def _similarity(v: _View) -> dict | None:
                 "trades one for the other.")
         return _finding("similarity", text, lo[0], "warn")
     median = statistics.median(c for c, _, _ in pairs)
-    text = (f"Task vectors are {'mostly unrelated' if abs(median) < 0.3 else 'similar'}: pairwise cosine from "
-            f"{_g(lo[0])} to {_g(hi[0])} (median {_g(median)}); the most alike are {v.label(hi[1])} and "
-            f"{v.label(hi[2])}.")
+    kind = "mostly unrelated" if abs(median) < 0.3 else "similar"
+    if len(pairs) == 1:
+        text = f"The two task vectors are {kind.replace('mostly ', '')}: cosine {_g(median)}."
+    else:
+        text = (f"Task vectors are {kind}: pairwise cosine from {_g(lo[0])} to {_g(hi[0])} (median {_g(median)}); "
+                f"the most alike are {v.label(hi[1])} and {v.label(hi[2])}.")
     return _finding("similarity", text, median)
 
 
