@@ -14,9 +14,9 @@ Pure: no torch, no plotly, no I/O. The rules and thresholds (``THRESHOLDS``) are
 short, first match wins:
 
 1. one fine-tune: ``slerp`` from the base toward it (t = 0.5);
-2. big steps (the median block moved ≥ ``big_step`` of its norm): ``linear`` (average the weights);
-3. one dominant model (largest ‖τ_i‖ ≥ ``dominant_ratio`` × the median): task arithmetic with NAN coefficients on
-   the task vectors (α_i ∝ 1/‖τ_i‖, a weighted average);
+2. one dominant model (largest ‖τ_i‖ ≥ ``dominant_ratio`` × the median): task arithmetic with NAN coefficients on
+   the task vectors (α_i ∝ 1/‖τ_i‖, summing to 1: an average weighted against the big one);
+3. big steps (the median block moved ≥ ``big_step`` of its norm): ``linear`` (average the weights);
 4. two fine-tunes: ``nuslerp`` (t = 0.5);
 5. the trim leaves ≥ ``trim_conflict`` of the kept mass against the elected sign: ``ties`` (k = 20 %, λ = 1);
 6. otherwise the task vectors hardly interfere: ``task_arithmetic`` with λ = 1, scaled down so that the summed task
@@ -287,17 +287,17 @@ def _recommend(v: _View) -> dict:
     if v.n <= 1:
         return _rec(v, "slerp", {"t": 0.5}, {}, "one fine-tune: slerp from the base halfway toward it (t = 0.5); "
                                                 "move t toward 1 to keep more of the fine-tune.", "one model")
-    if v.rel_step is not None and v.rel_step >= t["big_step"]:
-        return _rec(v, "linear", {}, {"weight": 1.0},
-                    f"the blocks moved {_pct(v.rel_step)} per fine-tune (≥ {_pct(t['big_step'])}): sums of task "
-                    "vectors overshoot at that size, and the weight average stays closest to every model.",
-                    "big steps")
     if v.dominant is not None and v.dominant[1] >= t["dominant_ratio"]:
         i, ratio = v.dominant
         return _rec(v, "task_arithmetic", {"lambda": 1.0, "coefficients": "nan", "nan_on": "task_vector"},
                     {"weight": 1.0},
                     f"{v.label(i)}'s task vector is {_g(ratio)}× the median (≥ {_g(t['dominant_ratio'])}×): NAN "
                     "weights each task vector by 1/‖τ_i‖, so the others are not drowned out.", "dominant model")
+    if v.rel_step is not None and v.rel_step >= t["big_step"]:
+        return _rec(v, "linear", {}, {"weight": 1.0},
+                    f"the blocks moved {_pct(v.rel_step)} per fine-tune (≥ {_pct(t['big_step'])}): sums of task "
+                    "vectors overshoot at that size, and the weight average stays closest to every model.",
+                    "big steps")
     if v.n == 2:
         return _rec(v, "nuslerp", {}, {"weight": 1.0},
                     "two fine-tunes: interpolate along the arc between their task vectors (t = 0.5), which keeps "

@@ -78,6 +78,8 @@ def test_a_dominant_model_gets_nan_on_task_vectors():
         ("task_arithmetic", "nan", "task_vector")
     assert "m0" in r["reason"] and "5×" in r["reason"]
     assert rec(hand_built(4, norms=[3.0, 1.0, 1.0, 1.0], trim=0.15))["method"] == "ties"  # 3× is not dominant
+    assert rec(hand_built(4, norms=[5.0, 1.0, 1.0, 1.0], rel=0.1))["parameters"].get("coefficients") == "nan"  # an
+    # average weighted against the big one, before the plain average of big steps
 
 
 def test_two_models_get_nuslerp():
