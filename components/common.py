@@ -23,6 +23,7 @@ import gradio as gr
 
 from merging.config import MergeConfig, parse_config
 from merging.errors import ConfigError, MergeError
+from merging.hub.ambient import OPT_IN, drop_ambient_tokens, on_space
 
 log = logging.getLogger("mergescope.app")
 
@@ -86,7 +87,8 @@ def user_errors(fn: Callable) -> Callable:
 class AppSettings:
     """Knobs set once at start-up (flags and environment), read by the panels."""
 
-    on_space: bool = field(default_factory=lambda: bool(os.environ.get("SPACE_ID")))
+    on_space: bool = field(default_factory=on_space)  # SPACE_ID set: a public server, whatever else is set
+    login: bool = field(default_factory=lambda: space_login())  # Gradio's Sign-in button works (a real Space)
     allow_local_paths: bool = True  # off on a Space: only the demo models and the session's uploads
     allowed_roots: list[Path] = field(default_factory=list)  # always readable local folders (demo models)
     max_upload_bytes: int = 200 * 1024 * 1024
@@ -114,6 +116,16 @@ class AppSettings:
         return settings
 
 
+def space_login() -> bool:
+    """Whether Gradio's "Sign in with Hugging Face" works here: a real Space (SYSTEM=spaces) with OAuth enabled
+    (``hf_oauth: true`` gives it these variables). Elsewhere Gradio would mock the login with this machine's own
+    token and ask the Hub who that is, which fails offline and must never happen on a public server."""
+    env = os.environ
+    return (env.get("SYSTEM") == "spaces" and bool(env.get("SPACE_ID"))
+            and all(env.get(k) for k in ("OAUTH_CLIENT_ID", "OAUTH_CLIENT_SECRET", "OAUTH_SCOPES",
+                                          "OPENID_PROVIDER_URL")))
+
+
 def is_loopback(host: str | None) -> bool:
     """Whether a server bound to ``host`` is reachable from this machine only (None: Gradio's default, loopback)."""
     if not host:
@@ -128,22 +140,25 @@ def is_loopback(host: str | None) -> bool:
 
 
 def hf_token(oauth_token: Any = None) -> str | None:
-    """The token for Hub calls: on a Space the signed-in visitor's (or none: never the Space owner's), locally
-    HF_TOKEN or the stored login (Gradio's local OAuth token is a mock string, useless for the Hub)."""
-    if os.environ.get("SPACE_ID"):
+    """The token for Hub calls: on a Space the signed-in visitor's (or none: never the Space owner's; the library
+    itself then uses none either, ``merging.hub.ambient``), locally HF_TOKEN or the stored login (Gradio's local
+    OAuth token is a mock string, useless for the Hub)."""
+    if on_space():
         return getattr(oauth_token, "token", None) if oauth_token is not None else None
     return os.environ.get("HF_TOKEN") or None
 
 
 def drop_space_owner_token(settings: "AppSettings") -> bool:
-    """On a Space, remove HF_TOKEN from the environment unless MERGESCOPE_USE_SPACE_TOKEN=1: the library falls back
-    to it when a call has no token, and a visitor must never read or push with the Space owner's account."""
-    if settings.on_space and os.environ.get("HF_TOKEN") and os.environ.get("MERGESCOPE_USE_SPACE_TOKEN") != "1":
-        del os.environ["HF_TOKEN"]
-        log.warning("HF_TOKEN removed from the environment: visitors act with their own login only "
-                    "(set MERGESCOPE_USE_SPACE_TOKEN=1 to share the Space's token for reads and pushes)")
-        return True
-    return False
+    """On a Space, unless MERGESCOPE_USE_SPACE_TOKEN=1, remove the owner's token from this process: every variable
+    huggingface_hub reads one from (also from /proc/self/environ), the stored login and the implicit token
+    (``merging.hub.drop_ambient_tokens``). A visitor must never read or push with the Space owner's account."""
+    if not settings.on_space or os.environ.get(OPT_IN) == "1":
+        return False
+    dropped = drop_ambient_tokens()
+    if dropped:
+        log.warning("%s removed from this process: visitors act with their own login only (set %s=1 to share "
+                    "the Space's token for reads and pushes)", ", ".join(dropped), OPT_IN)
+    return bool(dropped)
 
 
 def hub_resolver(token: str | None = None):

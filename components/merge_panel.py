@@ -172,9 +172,11 @@ def build_merge_panel(settings: AppSettings) -> MergePanel:
         emr_status = gr.Markdown(elem_id="emr-status")
         emr_files = gr.HTML(elem_id="emr-files", js_on_load=None)
     with gr.Accordion("Push to the Hugging Face Hub", open=False):
-        if settings.on_space:
+        if settings.login:
             gr.LoginButton()
             hint = "Sign in above; the merge is pushed with your account (write scope)."
+        elif settings.on_space:
+            hint = "Pushing needs a visitor's own Hugging Face login, which this server does not offer."
         else:
             hint = "Locally, pushing uses the `HF_TOKEN` environment variable (or your `hf auth login`)."
         gr.Markdown(hint)
@@ -247,7 +249,8 @@ def wire_merge_panel(panel: MergePanel, cf, settings: AppSettings, sessions: Ses
             if not (repo_id or "").strip():
                 raise MergeError("push: enter a repository id such as your-name/merged-model")
             if settings.on_space and oauth_token is None:
-                raise MergeError("push: sign in with Hugging Face (the button above) to push to your account")
+                raise MergeError("push: sign in with Hugging Face (the button above) to push to your account"
+                                 if settings.login else "push: this server offers no Hugging Face login to push with")
             url = hub.push_merge(out_dir, repo_id.strip(), token=hf_token(oauth_token), private=bool(private))
         except Exception as exc:  # noqa: BLE001 - shown where it happened
             return failure("push", exc)
