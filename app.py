@@ -5,7 +5,10 @@ This file only assembles the panels of ``components/`` and launches; every handl
     python app.py [--host 0.0.0.0] [--port 7860] [--share]
     env: MERGESCOPE_HOST, MERGESCOPE_PORT (or GRADIO_SERVER_NAME / GRADIO_SERVER_PORT), MERGESCOPE_SHARE=1,
          MERGESCOPE_MERGE_CONCURRENCY (merges at once, default 1), MERGESCOPE_MAX_UPLOAD (default 200MB),
-         MERGESCOPE_ALLOW_LOCAL_PATHS (default: on on 127.0.0.1; off on a Space, on another --host or --share)
+         MERGESCOPE_ALLOW_LOCAL_PATHS (default: on on 127.0.0.1; off on a Space, on another --host or --share),
+         MERGESCOPE_SESSION_QUOTA (uploads + outputs per session, default 20GB; 0: none),
+         MERGESCOPE_API_IDLE (seconds before an idle API client's folder is removed, default 900),
+         MERGESCOPE_USE_SPACE_TOKEN=1 (on a Space, let visitors use the owner's token; off by default)
 """
 
 import argparse
@@ -17,8 +20,8 @@ from pathlib import Path
 import gradio as gr
 
 from components import analysis_panel, api, eval_panel, learn_panel, merge_panel, method_form, model_picker, preflight
-from components.common import AppSettings, drop_space_owner_token
-from components.sessions import SessionStore
+from components.common import AppSettings, drop_space_owner_token, quiet_request_logs
+from components.sessions import SessionStore, gradio_temp_dir
 from merging import native
 from merging.demo import DemoModels, ensure_demo_models
 from merging.writer import parse_size
@@ -58,10 +61,13 @@ def build_app(settings: AppSettings | None = None, sessions: SessionStore | None
               demo: DemoModels | None = None) -> gr.Blocks:
     """The whole page: models, method and YAML on the left; diagnostics, what they mean, and merge on the right."""
     settings = settings if settings is not None else AppSettings.from_env()
-    sessions = sessions if sessions is not None else SessionStore()
+    sessions = sessions if sessions is not None else SessionStore(api_idle_s=settings.api_idle_s)
     demo = demo if demo is not None else ensure_demo_models()
     settings.allowed_roots.append(Path(demo.base).parent)
-    # Gradio's own cache (uploads, copies it makes) is swept hourly of files older than a day.
+    # What a public server's messages and model cards never show: session folders, Gradio's cache, the demo folder.
+    settings.private_roots += [sessions.root, gradio_temp_dir(), Path(demo.base).parent]
+    sessions.start_sweeper()  # idle API clients' folders, uploads no event consumed (components/sessions.py)
+    # Gradio's own cache (copies it makes) is also swept hourly of files older than a day.
     with gr.Blocks(title=TITLE, delete_cache=(3600, 86400)) as app:
         gr.Markdown(INTRO)
         # Reading order, in the DOM and on screen: Models → Method on the left (or first, on a phone), then
@@ -93,10 +99,15 @@ def build_app(settings: AppSettings | None = None, sessions: SessionStore | None
         merge_panel.wire_merge_panel(merge, config_form, settings, sessions)
         eval_panel.wire_eval_panel(evaluation, merge.out_dir, settings, sessions)
 
+        def start_page(request: gr.Request) -> None:
+            """A browser page: its session lasts until the tab closes (API clients' expire when idle)."""
+            sessions.mark_page(request.session_hash)
+
         def end_session(request: gr.Request) -> None:
             """The tab closed: stop its job and remove its folder."""
             sessions.close(request.session_hash)
 
+        app.load(start_page, None, None, api_visibility="private", show_progress="hidden")
         app.unload(end_session)
     return app
 
@@ -116,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+    quiet_request_logs()  # httpx/httpx2: one line per HTTP request otherwise, signed download URLs included
     args = parse_args(argv)
     settings = AppSettings.from_env(host=args.host, share=args.share, max_upload_bytes=parse_size(args.max_upload))
     drop_space_owner_token(settings)

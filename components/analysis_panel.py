@@ -189,7 +189,7 @@ def wire_analysis_panel(panel: AnalysisPanel, cf, settings: AppSettings, session
             path.write_text(json.dumps(stats, indent=1, default=str))
         except Exception as exc:  # noqa: BLE001 - shown where it happened (failure() logs bugs with their traceback)
             previous = values[panel.last_run]
-            status = failure("analyze", exc)
+            status = failure("analyze", exc, settings)
             if previous:
                 status += f"\n\nThe findings and charts below are from the previous analysis ({previous})."
             out = {panel.status: status, panel.pending: ""}

@@ -35,7 +35,7 @@ def build_api(settings: AppSettings, sessions: SessionStore) -> None:
         merge_trigger = gr.Button("merge")
         evaluate_trigger = gr.Button("evaluate")
 
-    @user_errors
+    @user_errors(settings=settings)
     def analyze(config_yaml: str, request: gr.Request, oauth_token: gr.OAuthToken | None = None) -> dict:
         """Diagnostics of a merge config: per-layer sign conflicts, task-vector norms, similarity, NAN... as JSON,
         with ``advice``: findings and a recommended merge (``merging.advice``)."""
@@ -46,7 +46,7 @@ def build_api(settings: AppSettings, sessions: SessionStore) -> None:
         stats = analyze_config(config, settings, token=hf_token(oauth_token))
         return {**stats, "advice": advise(stats)}
 
-    @user_errors
+    @user_errors(settings=settings)
     def merge(config_yaml: str, request: gr.Request, oauth_token: gr.OAuthToken | None = None):
         """Run a merge config; returns every output file, one zip of them (when small) and a summary."""
         session = sessions.get(request.session_hash)
@@ -59,7 +59,7 @@ def build_api(settings: AppSettings, sessions: SessionStore) -> None:
         return [str(p) for p in outcome.files], str(outcome.archive) if outcome.archive else None, summary
 
     @gpu_task
-    @user_errors
+    @user_errors(settings=settings)
     def evaluate(config_yaml: str, request: gr.Request, oauth_token: gr.OAuthToken | None = None) -> dict:
         """Check the merged model of a config beside its inputs: perplexity, agreement, continuations, verdict."""
         from merging.evaluate.report import jsonable

@@ -24,6 +24,7 @@ import gradio as gr
 from merging.config import MergeConfig, parse_config
 from merging.errors import ConfigError, MergeError
 from merging.hub.ambient import OPT_IN, drop_ambient_tokens, on_space
+from merging.writer import parse_size
 
 log = logging.getLogger("mergescope.app")
 
@@ -40,29 +41,34 @@ def error_html(message: str) -> str:
     return f'<div class="status-error" role="alert">error: {body}</div>'
 
 
-def failure(where: str, exc: Exception) -> str:
-    """The status line of a failed action in panel ``where``; user errors logged as one line, bugs with traceback."""
+def failure(where: str, exc: Exception, settings: "AppSettings | None" = None) -> str:
+    """The status line of a failed action in panel ``where``; user errors logged as one line, bugs with traceback.
+    With ``settings`` of a public server, server paths in the message become the visitor's names (``redact``)."""
+    redact = settings.redact if settings is not None else str
     if isinstance(exc, MergeError):
         log.info("%s: %s", where, one_line(str(exc)))
-        return error_html(str(exc))
+        return error_html(redact(str(exc)))
     log.exception("internal error in %s", where)
-    return error_html(f"internal error ({type(exc).__name__}: {exc}); the server log has the details")
+    return error_html(redact(f"internal error ({type(exc).__name__}: {exc}); the server log has the details"))
 
 
-def user_errors(fn: Callable) -> Callable:
+def user_errors(fn: Callable | None = None, *, settings: "AppSettings | None" = None) -> Callable:
     """For API endpoints: MergeError becomes gr.Error (its one-line message, logged as one line) and bugs a one-line
     gr.Error; keeps the signature (Gradio reads it for gr.Progress, gr.Request and gr.OAuthToken parameters) and
-    generator-ness."""
+    generator-ness. ``user_errors(settings=...)``: messages redacted as ``failure`` does."""
+    if fn is None:
+        return functools.partial(user_errors, settings=settings)
+    redact = settings.redact if settings is not None else str
 
     def translate(exc: Exception) -> gr.Error:
         if isinstance(exc, gr.Error):
             log.info("%s: %s", fn.__name__, one_line(exc.message))
-            return gr.Error(exc.message, print_exception=False)
+            return gr.Error(redact(exc.message), print_exception=False)
         if isinstance(exc, MergeError):
             log.info("%s: %s", fn.__name__, one_line(str(exc)))
-            return gr.Error(str(exc), print_exception=False)
+            return gr.Error(redact(str(exc)), print_exception=False)
         log.exception("internal error in %s", fn.__name__)
-        return gr.Error(f"internal error ({type(exc).__name__}: {exc}); the server log has the details",
+        return gr.Error(redact(f"internal error ({type(exc).__name__}: {exc}); the server log has the details"),
                         print_exception=False)
 
     if inspect.isgeneratorfunction(fn):
@@ -92,6 +98,11 @@ class AppSettings:
     allow_local_paths: bool = True  # off on a Space: only the demo models and the session's uploads
     allowed_roots: list[Path] = field(default_factory=list)  # always readable local folders (demo models)
     max_upload_bytes: int = 200 * 1024 * 1024
+    session_quota_bytes: int | None = 20 * 1000 ** 3  # uploads + outputs per session (MERGESCOPE_SESSION_QUOTA)
+    api_idle_s: float = 15 * 60  # an API client's session folder, idle this long, is removed (MERGESCOPE_API_IDLE)
+    # Server folders whose paths a public server never shows (the session root, Gradio's cache, the demo models'
+    # folder): ``redact`` turns a path under one into the visitor's own name for it.
+    private_roots: list[Path] = field(default_factory=list)
     archive_limit_bytes: int = 2 * 1024 ** 3  # build a zip of all outputs only below this size
     merge_concurrency: int = 1
     sample_threshold_bytes: int = 2 * 1024 ** 3  # analyses of bigger inputs are sampled by default
@@ -109,11 +120,42 @@ class AppSettings:
             settings.allow_local_paths = not settings.on_space and is_loopback(host) and not share
         if env.get("MERGESCOPE_MERGE_CONCURRENCY"):
             settings.merge_concurrency = max(1, int(env["MERGESCOPE_MERGE_CONCURRENCY"]))
+        if env.get("MERGESCOPE_SESSION_QUOTA"):
+            quota = env["MERGESCOPE_SESSION_QUOTA"].strip().lower()
+            settings.session_quota_bytes = None if quota in ("0", "off", "none") else parse_size(quota)
+        if env.get("MERGESCOPE_API_IDLE"):
+            settings.api_idle_s = float(env["MERGESCOPE_API_IDLE"])
         if env.get("MERGESCOPE_TEST_TENSOR_DELAY_S"):
             settings.tensor_delay_s = float(env["MERGESCOPE_TEST_TENSOR_DELAY_S"])
         for key, value in overrides.items():
             setattr(settings, key, value)
         return settings
+
+    def redact(self, text: str) -> str:
+        """On a server with local paths off, ``text`` with every server path under ``private_roots`` replaced by
+        what the visitor knows: an upload or output by its name in the session (``mine.safetensors``,
+        ``merge-2/README.md``), a demo model by its short name (``base``); unchanged when local paths are on."""
+        if self.allow_local_paths or not text:
+            return text
+        return redact_paths(text, self.private_roots)
+
+
+def redact_paths(text: str, roots: list[Path]) -> str:
+    """``text`` with ``<root>/[<session or cache hash>/][uploads/]`` removed from every absolute path under one of
+    ``roots`` (symbolic links resolved or not), and a bare root named in words. Relative paths (what a visitor
+    typed, relative to nothing they can see) are left as they are."""
+    spellings = sorted({str(p) for r in roots for p in (Path(r).absolute(), Path(r).resolve())}, key=len, reverse=True)
+    for root in spellings:
+        prefix = re.escape(root.rstrip("/"))
+        text = re.sub(prefix + r"/(?:[0-9a-f]{16,64}/(?:uploads/)?)?(?=[^\s/`'\"])", "", text)
+        text = re.sub(prefix + r"(?:/[0-9a-f]{16,64})?/?(?![\w.-])", "(a server folder)", text)
+    return text
+
+
+def quiet_request_logs() -> None:
+    """httpx and httpx2 log one INFO line per request, signed CDN URLs included: WARNING and above only."""
+    for name in ("httpx", "httpx2", "httpcore", "huggingface_hub.file_download"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def space_login() -> bool:
@@ -184,12 +226,27 @@ def check_local_paths(config: MergeConfig, settings: AppSettings, extra_roots: l
     if settings.allow_local_paths:
         return
     roots = [r.resolve() for r in [*settings.allowed_roots, *extra_roots]]
-    for ref in config.model_refs():
+    for ref in config.model_refs() + side_refs(config):
         if ref.startswith(("/", ".", "~")) or os.path.exists(ref):
             real = Path(os.path.expanduser(ref)).resolve()
             if not any(real == r or r in real.parents for r in roots):
                 raise ConfigError(f"config: {ref}: local paths are disabled on this server; "
                                   "use a Hub repo id, the demo models or an upload")
+
+
+def side_refs(config: MergeConfig) -> list[str]:
+    """Models a config reads besides its inputs: a ``tokenizer_source`` / ``tokenizer.source`` model, and the models
+    that added tokens' embeddings come from (``tokenizer.tokens``)."""
+    refs = []
+    if config.vocabulary_source not in (None, "base", "union"):
+        refs.append(config.vocabulary_source)
+    for entry in (config.tokenizer.tokens or {}).values() if config.tokenizer else ():
+        source = entry.source
+        if isinstance(source, str) and source not in ("base", "union"):
+            refs.append(source)
+        elif source is not None and getattr(source, "model", None):
+            refs.append(source.model)
+    return refs
 
 
 def human_bytes(n: float) -> str:

@@ -117,7 +117,7 @@ def wire_eval_panel(panel: EvalPanel, out_dir: gr.State, settings: AppSettings, 
         except Cancelled:
             return kept("**Cancelled:** the check stopped.")
         except Exception as exc:  # noqa: BLE001 - shown where it happened (failure() logs bugs with their traceback)
-            return kept(failure("check", exc))
+            return kept(failure("check", exc, settings))
         status, figure, caption, table, conts = views(report)
         path = session.new_dir("check").with_suffix(".json")
         path.write_text(json.dumps(jsonable(report), indent=1))

@@ -81,6 +81,6 @@ def wire_preflight(button, out, cf, settings: AppSettings, sessions: SessionStor
             token = hf_token(oauth_token)
             return preflight_markdown(hub.preflight(config, token, resolver=hub_resolver(token)), config)
         except Exception as exc:  # noqa: BLE001 - shown where it happened (failure() logs bugs with their traceback)
-            return failure("pre-flight", exc)
+            return failure("pre-flight", exc, settings)
 
     button.click(run, cf.inputs(), out, api_visibility="private", show_progress_on=[out])

@@ -1,0 +1,160 @@
+"""Disk per visitor is bounded, and a full disk at any step gives one line and leaves nothing behind.
+
+The merges are real (a small llama-shaped family, tests/checkpoints.py) and go through the app's own
+``merge_in_session``. A full disk is simulated where it would be felt: ENOSPC raised from the OS-level write calls
+(``os.pwrite`` of the tensor data, ``os.posix_fallocate`` of a shard) and from the writes of side files, tokenizer
+files, the model card and the zip (their ``write_bytes`` / ``write_text`` / ``ZipFile.write``); the CLI case is a
+real one, not simulated: a child process whose file-size limit (``RLIMIT_FSIZE``, no root needed) is below the
+output's size gets EFBIG from the kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pathlib
+import resource
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.common import AppSettings
+from components.merge_panel import merge_in_session
+from components.sessions import SessionStore
+from merging.config import parse_config
+from merging.errors import MergeError
+
+ROOT = Path(__file__).resolve().parent.parent
+DISK_FULL = "disk full while writing the output"
+
+
+def ta_yaml(base: Path, tunes: list[Path]) -> str:
+    return yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(base),
+                           "models": [{"model": str(t), "parameters": {"weight": 0.5}} for t in tunes[:2]]})
+
+
+@pytest.fixture
+def merge_setup(family, tmp_path):
+    base, tunes = family
+    (base / "tokenizer.json").write_text('{"version": "1.0", "model": {"vocab": {}}}')  # copied beside the output
+    store = SessionStore(root=tmp_path / "sessions")
+    return parse_config(ta_yaml(base, tunes)), store, AppSettings(allow_local_paths=True)
+
+
+def entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())  # hidden temp folders included
+
+
+def test_one_output_per_session_and_a_quota_that_counts_the_zip(merge_setup):
+    config, store, settings = merge_setup
+    session = store.get("visitor")
+    first = merge_in_session(config, session, settings)
+    assert first.archive is not None and "tokenizer.json" in {p.name for p in first.files}
+    second = merge_in_session(config, session, settings)
+    assert not first.result.out_dir.exists() and not first.archive.exists()  # removed when the new merge started
+    assert entries(session.folder) == ["merge-2", "merge-2.zip"]
+    output = sum(p.stat().st_size for p in second.files)
+
+    # The output fits the quota but not with its zip: refused up front, naming the quota; nothing left.
+    settings.session_quota_bytes = 5 * 1000 ** 2  # the estimate adds a 4 MB side-file margin, counted twice
+    with pytest.raises(MergeError, match="quota") as err:
+        merge_in_session(config, session, settings)
+    assert "\n" not in str(err.value) and str(session.folder) not in str(err.value)
+    assert entries(session.folder) == []
+    settings.session_quota_bytes = 2 * (output + 4 * 1024 ** 2) + 10 ** 6
+    assert merge_in_session(config, session, settings).archive is not None
+
+    # Uploads count too.
+    (session.folder / "uploads").mkdir()
+    (session.folder / "uploads" / "big.safetensors").write_bytes(b"\0" * 3 * 10 ** 6)
+    with pytest.raises(MergeError, match="upload mine.safetensors: needs about 4.0 MB but this session has"):
+        session.require_room(4 * 10 ** 6, 6 * 10 ** 6, "upload mine.safetensors")
+
+
+def test_api_clients_expire_when_idle_and_stale_uploads_are_swept(tmp_path, monkeypatch):
+    gradio_dir = tmp_path / "gradio"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(gradio_dir))
+    kept_asset = gradio_dir / "0a1b2c" / "logo.png"  # cached before the app started: the page's own file
+    kept_asset.parent.mkdir(parents=True)
+    kept_asset.write_bytes(b"png")
+    time.sleep(0.05)
+    store = SessionStore(api_idle_s=0.2, upload_ttl_s=0.2)
+    assert store.root.is_relative_to(gradio_dir)
+    api, page, busy = store.get("api-client"), store.get("browser"), store.get("api-busy")
+    store.mark_page("browser")
+    rejected = gradio_dir / "9f8e7d" / "rejected.safetensors"  # an upload no event consumed
+    rejected.parent.mkdir()
+    rejected.write_bytes(b"\0" * 1000)
+    with busy.working():
+        store.start_sweeper(every_s=0.05)
+        deadline = time.monotonic() + 30
+        while (api.folder.exists() or rejected.exists()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not api.folder.exists() and not rejected.exists() and not rejected.parent.exists()
+        assert page.folder.exists() and busy.folder.exists() and kept_asset.exists()
+    store.stop_sweeper()
+
+
+def _fail(errno_: int = errno.ENOSPC) -> OSError:
+    return OSError(errno_, os.strerror(errno_))
+
+
+def _failing_write(original, name: str):
+    def write(self, *args, **kwargs):
+        if self.name == name:
+            raise _fail()
+        return original(self, *args, **kwargs)
+    return write
+
+
+STEPS = {  # where the disk fills: (what to patch, attribute, replacement factory)
+    "tensor data": (os, "pwrite", lambda orig: lambda *a: (_ for _ in ()).throw(_fail())),
+    "shard reservation": (os, "posix_fallocate", lambda orig: lambda *a: (_ for _ in ()).throw(_fail())),
+    "config.json": (pathlib.Path, "write_text", lambda orig: _failing_write(orig, "config.json")),
+    "tokenizer file": (pathlib.Path, "write_bytes", lambda orig: _failing_write(orig, "tokenizer.json")),
+    "model card": (pathlib.Path, "write_text", lambda orig: _failing_write(orig, "README.md")),
+    "zip": (zipfile.ZipFile, "write", lambda orig: lambda *a, **k: (_ for _ in ()).throw(_fail())),
+}
+
+
+def test_a_full_disk_at_any_step_is_one_line_and_leaves_nothing(merge_setup, monkeypatch):
+    config, store, settings = merge_setup
+    session = store.get("visitor")
+    for step, (owner, attr, make) in STEPS.items():
+        with monkeypatch.context() as mp:
+            mp.setattr(owner, attr, make(getattr(owner, attr)))
+            with pytest.raises(MergeError) as err:
+                merge_in_session(config, session, settings)
+        msg = str(err.value)
+        assert ("not enough disk space" if step == "shard reservation" else DISK_FULL) in msg, (step, msg)
+        assert "\n" not in msg and str(session.folder) not in msg, (step, msg)
+        assert entries(session.folder) == [], (step, entries(session.folder))
+    # The disk has room again: the next merge (this visitor's or another's) is not refused by leftovers.
+    assert merge_in_session(config, store.get("next-visitor"), settings).archive is not None
+
+
+def test_the_cli_reports_a_real_full_disk_in_one_line(family, tmp_path):
+    base, tunes = family
+    config = tmp_path / "merge.yml"
+    config.write_text(ta_yaml(base, tunes))
+    out = tmp_path / "out"
+    limit = (base / "model.safetensors").stat().st_size // 2  # the output cannot reach its size
+
+    def small_files() -> None:  # in the child: writes past `limit` bytes fail with EFBIG (SIGXFSZ ignored)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run([sys.executable, "-m", "merging", "merge", str(config), str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, preexec_fn=small_files,
+                          env={**os.environ, "MERGESCOPE_RESOURCE_CHECK": "0"})
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and ("not enough disk space" in lines[0] or DISK_FULL in lines[0]), done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
