@@ -54,7 +54,7 @@ def build_api(settings: AppSettings, sessions: SessionStore) -> None:
         outcome = merge_in_session(config, session, settings, token=hf_token(oauth_token))
         r = outcome.result
         summary = {"tensors": r.tensors, "bytes_written": r.bytes_written, "seconds": round(r.seconds, 3),
-                   "device": r.device, "notes": r.notes, "emr_tasks": outcome.emr_tasks,
+                   "device": r.device, "notes": [settings.redact(n) for n in r.notes], "emr_tasks": outcome.emr_tasks,
                    "files": {p.name: p.stat().st_size for p in outcome.files}}
         return [str(p) for p in outcome.files], str(outcome.archive) if outcome.archive else None, summary
 

@@ -85,7 +85,7 @@ def merge_in_session(config: MergeConfig, session: Session, settings: AppSetting
                            resolver=hub_resolver(token), disk_check=room_for)
         try:
             if not settings.allow_local_paths:
-                redact_outputs(out_dir, settings)
+                redact_outputs(out_dir, settings, config_record(out_dir))
             files = sorted(p for p in out_dir.iterdir() if p.is_file())
             weights = [p for p in files if p.suffix == ".safetensors"]
             total = sum(p.stat().st_size for p in files)
@@ -94,6 +94,7 @@ def merge_in_session(config: MergeConfig, session: Session, settings: AppSetting
                 archive = make_archive(out_dir, out_dir.with_suffix(".zip"))
         except BaseException:
             shutil.rmtree(out_dir, ignore_errors=True)  # no half-finished merge stays to fill the disk
+            config_record(out_dir).unlink(missing_ok=True)
             raise
     emr_tasks = []
     if (out_dir / "emr.json").is_file():
@@ -102,13 +103,21 @@ def merge_in_session(config: MergeConfig, session: Session, settings: AppSetting
     return MergeOutcome(result, files, weights, archive, emr_tasks)
 
 
-def redact_outputs(folder: Path, settings: AppSettings) -> None:
+def config_record(out_dir: Path) -> Path:
+    """Where the session keeps a merge's config as written (server paths included) when the folder's copy names
+    inputs as the visitor does: beside the folder, hidden, never listed for download (``.merge-2.yml``)."""
+    return out_dir.with_name(f".{out_dir.name}.yml")
+
+
+def redact_outputs(folder: Path, settings: AppSettings, record: Path) -> None:
     """On a public server the model card and merge_config.yml name inputs as the visitor does (upload file names,
-    demo models' short names), never by server path."""
-    for name in ("README.md", "merge_config.yml"):
-        path = folder / name
-        if path.is_file():
-            with disk_full_is_one_line():
+    demo models' short names), never by server path; the exact config stays in ``record`` (what the check reads
+    the inputs from, and what /evaluate matches a config with)."""
+    with disk_full_is_one_line():
+        shutil.copyfile(folder / "merge_config.yml", record)
+        for name in ("README.md", "merge_config.yml"):
+            path = folder / name
+            if path.is_file():
                 path.write_text(settings.redact(path.read_text(encoding="utf-8")), encoding="utf-8")
 
 
@@ -262,7 +271,7 @@ def wire_merge_panel(panel: MergePanel, cf, settings: AppSettings, sessions: Ses
         single = outcome.weights[0] if len(outcome.weights) == 1 and not outcome.emr_tasks else None
         archive = outcome.archive
         return {
-            panel.status: merge_markdown(outcome),
+            panel.status: settings.redact(merge_markdown(outcome)),
             panel.download: gr.update(value=str(single), visible=True, label=f"Download {single.name}") if single
             else gr.update(visible=False),
             panel.files: gr.update(value=files_table(outcome.files), visible=True),

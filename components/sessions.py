@@ -32,7 +32,7 @@ DEFAULT_MAX_AGE_S = 6 * 3600
 DEFAULT_API_IDLE_S = 15 * 60  # an API client's folder, idle this long, is removed (MERGESCOPE_API_IDLE)
 DEFAULT_UPLOAD_TTL_S = 10 * 60  # Gradio's cached uploads older than this are removed
 SWEEP_EVERY_S = 60
-OUTPUT = re.compile(r"^(merge|task|check)-\d+(\.zip|\.json)?$")  # what a session's actions write (new_dir)
+OUTPUT = re.compile(r"^\.?(merge|task|check)-\d+(\.zip|\.json|\.yml)?$")  # what actions write (new_dir)
 
 
 def gradio_temp_dir() -> Path:

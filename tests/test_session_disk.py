@@ -158,3 +158,44 @@ def test_the_cli_reports_a_real_full_disk_in_one_line(family, tmp_path):
     assert len(lines) == 1 and ("not enough disk space" in lines[0] or DISK_FULL in lines[0]), done.stderr
     assert "Traceback" not in done.stderr
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_a_public_servers_outputs_name_inputs_as_the_visitor_does(merge_setup, tmp_path):
+    """Local paths off: the model card and merge_config.yml say ``base``, ``ft0`` (the demo folder's short names)
+    and an upload's file name, never a server path; the exact config stays in the session's hidden record, from
+    which /evaluate matches the config and the check finds its inputs."""
+    from components.eval_panel import find_merge, merge_record
+    from merging.evaluate.inputs import compare_candidates
+
+    config, store, _ = merge_setup
+    demo_root = Path(config.base_model).parent
+    settings = AppSettings(allow_local_paths=False, private_roots=[store.root, demo_root])
+    session = store.get("visitor")
+    (session.folder / "uploads").mkdir()
+    upload = session.folder / "uploads" / "mine.safetensors"
+    upload.write_bytes((Path(config.models[1].model) / "model.safetensors").read_bytes())
+    public = parse_config(yaml.safe_dump({**yaml.safe_load(config.to_yaml()),
+                                          "models": [{"model": config.models[0].model, "parameters": {"weight": 0.5}},
+                                                     {"model": str(upload), "parameters": {"weight": 0.5}}]}))
+    outcome = merge_in_session(public, session, settings)
+    folder = outcome.result.out_dir
+    with zipfile.ZipFile(outcome.archive) as zf:
+        zipped = {n.split("/", 1)[1]: zf.read(n).decode() for n in zf.namelist() if n.endswith((".md", ".yml"))}
+    for name in ("README.md", "merge_config.yml"):
+        text = (folder / name).read_text()
+        assert zipped[name] == text
+        assert str(store.root) not in text and str(demo_root) not in text and str(tmp_path) not in text, name
+        assert "mine.safetensors" in text and "base_model: base" in text, (name, text)
+    record = merge_record(folder)
+    assert record.name.startswith(".") and record.read_text() == public.to_yaml()
+    assert find_merge(session, public) == folder
+    found = compare_candidates(folder, None, hub_cache=False, config_file=record)
+    assert [c.ref for c in found] == [public.base_model, *[m.model for m in public.models]]
+    assert found[0].folder and found[1].folder  # read from the record: the server paths, found
+    assert found[2].folder is None and "lone weights file" in found[2].skipped  # an upload is no transformers model
+    bad = session.folder / "uploads" / "bad.safetensors"
+    bad.write_bytes(b"\x08\0\0\0\0\0\0\0{not json")
+    with pytest.raises(MergeError) as err:  # an error names the upload by its file name
+        merge_in_session(parse_config(public.to_yaml().replace(str(upload), str(bad))), session, settings)
+    shown = settings.redact(str(err.value))
+    assert str(bad) in str(err.value) and shown.startswith("bad.safetensors") and str(store.root) not in shown, shown
