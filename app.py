@@ -12,6 +12,7 @@ This file only assembles the panels of ``components/`` and launches; every handl
 """
 
 import argparse
+import dataclasses
 import logging
 import os
 import threading
@@ -64,8 +65,11 @@ def build_app(settings: AppSettings | None = None, sessions: SessionStore | None
     sessions = sessions if sessions is not None else SessionStore(api_idle_s=settings.api_idle_s)
     demo = demo if demo is not None else ensure_demo_models()
     settings.allowed_roots.append(Path(demo.base).parent)
-    # What a public server's messages and model cards never show: session folders, Gradio's cache, the demo folder.
-    settings.private_roots += [sessions.root, gradio_temp_dir(), Path(demo.base).parent]
+    # What a public server's messages and model cards never show: session folders, Gradio's cache, the demo folder;
+    # there the page names demo models and uploads by short names (demo:NAME, upload:NAME: components/names.py).
+    settings.sessions_root, settings.demo_root = sessions.root, Path(demo.base).parent
+    settings.private_roots += [gradio_temp_dir()]
+    shown = public_names(demo, settings)
     sessions.start_sweeper()  # idle API clients' folders, uploads no event consumed (components/sessions.py)
     # Gradio's own cache (copies it makes) is also swept hourly of files older than a day.
     with gr.Blocks(title=TITLE, delete_cache=(3600, 86400)) as app:
@@ -75,10 +79,10 @@ def build_app(settings: AppSettings | None = None, sessions: SessionStore | None
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=340):
                 gr.Markdown("### 1 · Models", elem_id="h-models")
-                picker = model_picker.build_model_picker(demo, settings)
+                picker = model_picker.build_model_picker(shown, settings)
                 gr.Markdown("### 2 · Method", elem_id="h-method")
-                form = method_form.build_method_form(demo)
-                method_form.build_yaml_view(form, method_form.initial_yaml(demo))
+                form = method_form.build_method_form(shown)
+                method_form.build_yaml_view(form, method_form.initial_yaml(shown))
                 pre_button, pre_out = preflight.build_preflight_panel()
             with gr.Column(scale=6, min_width=340):
                 gr.Markdown("### 3 · Diagnostics", elem_id="h-diagnostics")
@@ -93,7 +97,7 @@ def build_app(settings: AppSettings | None = None, sessions: SessionStore | None
         config_form = method_form.ConfigForm(picker, form)
         method_form.wire_method_form(config_form)
         method_form.wire_model_list(config_form)
-        model_picker.wire_model_picker(picker, settings, sessions, demo)
+        model_picker.wire_model_picker(picker, settings, sessions, shown)
         preflight.wire_preflight(pre_button, pre_out, config_form, settings, sessions)
         analysis_panel.wire_analysis_panel(analysis, config_form, settings, sessions)
         merge_panel.wire_merge_panel(merge, config_form, settings, sessions)
@@ -110,6 +114,12 @@ def build_app(settings: AppSettings | None = None, sessions: SessionStore | None
         app.load(start_page, None, None, api_visibility="private", show_progress="hidden")
         app.unload(end_session)
     return app
+
+
+def public_names(demo: DemoModels, settings: AppSettings) -> DemoModels:
+    """The demo models as the page shows them: by short name (``demo:base``) on a public server."""
+    return dataclasses.replace(demo, base=settings.shown(demo.base),
+                               models={task: settings.shown(path) for task, path in demo.models.items()})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,6 +13,8 @@ They call the same library functions as the page, in the caller's own session fo
 has its own session hash), with the same path policy and the same merge concurrency limit.
 """
 
+import json
+
 import gradio as gr
 
 from .analysis_panel import analyze_config
@@ -44,7 +46,8 @@ def build_api(settings: AppSettings, sessions: SessionStore) -> None:
         from merging.advice import advise
 
         stats = analyze_config(config, settings, token=hf_token(oauth_token))
-        return {**stats, "advice": advise(stats)}
+        # server paths as the visitor names them (demo:NAME, upload:NAME): the recommended config pastes back
+        return json.loads(settings.redact(json.dumps({**stats, "advice": advise(stats)}, default=str)))
 
     @user_errors(settings=settings)
     def merge(config_yaml: str, request: gr.Request, oauth_token: gr.OAuthToken | None = None):

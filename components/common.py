@@ -26,6 +26,8 @@ from merging.errors import ConfigError, MergeError
 from merging.hub.ambient import OPT_IN, drop_ambient_tokens, on_space
 from merging.writer import parse_size
 
+from .names import expand_names, redact_paths, short_name, side_refs
+
 log = logging.getLogger("mergescope.app")
 
 
@@ -103,6 +105,8 @@ class AppSettings:
     # Server folders whose paths a public server never shows (the session root, Gradio's cache, the demo models'
     # folder): ``redact`` turns a path under one into the visitor's own name for it.
     private_roots: list[Path] = field(default_factory=list)
+    sessions_root: Path | None = None  # where the session folders live (their uploads are ``upload:NAME``)
+    demo_root: Path | None = None  # the demo models' folder (each is ``demo:NAME``, components/names.py)
     archive_limit_bytes: int = 2 * 1024 ** 3  # build a zip of all outputs only below this size
     merge_concurrency: int = 1
     sample_threshold_bytes: int = 2 * 1024 ** 3  # analyses of bigger inputs are sampled by default
@@ -132,24 +136,16 @@ class AppSettings:
         return settings
 
     def redact(self, text: str) -> str:
-        """On a server with local paths off, ``text`` with every server path under ``private_roots`` replaced by
-        what the visitor knows: an upload or output by its name in the session (``mine.safetensors``,
-        ``merge-2/README.md``), a demo model by its short name (``base``); unchanged when local paths are on."""
+        """On a server with local paths off, ``text`` with every server path replaced by what the visitor knows:
+        an upload as ``upload:NAME``, a demo model as ``demo:NAME``, an output by its name in the session
+        (``merge-2/README.md``); unchanged when local paths are on (components/names.py)."""
         if self.allow_local_paths or not text:
             return text
-        return redact_paths(text, self.private_roots)
+        return redact_paths(text, self.private_roots, sessions_root=self.sessions_root, demo_root=self.demo_root)
 
-
-def redact_paths(text: str, roots: list[Path]) -> str:
-    """``text`` with ``<root>/[<session or cache hash>/][uploads/]`` removed from every absolute path under one of
-    ``roots`` (symbolic links resolved or not), and a bare root named in words. Relative paths (what a visitor
-    typed, relative to nothing they can see) are left as they are."""
-    spellings = sorted({str(p) for r in roots for p in (Path(r).absolute(), Path(r).resolve())}, key=len, reverse=True)
-    for root in spellings:
-        prefix = re.escape(root.rstrip("/"))
-        text = re.sub(prefix + r"/(?:[0-9a-f]{16,64}/(?:uploads/)?)?(?=[^\s/`'\"])", "", text)
-        text = re.sub(prefix + r"(?:/[0-9a-f]{16,64})?/?(?![\w.-])", "(a server folder)", text)
-    return text
+    def shown(self, path: str | Path, uploads: Path | None = None) -> str:
+        """How the page shows a demo model's folder or an upload: its short name on a public server, else the path."""
+        return str(path) if self.allow_local_paths else short_name(path, self.demo_root, uploads)
 
 
 def quiet_request_logs() -> None:
@@ -217,6 +213,7 @@ def load_config(text: str | None, settings: AppSettings, extra_roots: list[Path]
     if not text or not text.strip():
         raise ConfigError("config: empty; pick models and a method, or paste a YAML config")
     config = parse_config(text, source="config")
+    config = expand_names(config, settings.demo_root, [Path(r) / "uploads" for r in extra_roots])
     check_local_paths(config, settings, extra_roots)
     return config
 
@@ -232,21 +229,6 @@ def check_local_paths(config: MergeConfig, settings: AppSettings, extra_roots: l
             if not any(real == r or r in real.parents for r in roots):
                 raise ConfigError(f"config: {ref}: local paths are disabled on this server; "
                                   "use a Hub repo id, the demo models or an upload")
-
-
-def side_refs(config: MergeConfig) -> list[str]:
-    """Models a config reads besides its inputs: a ``tokenizer_source`` / ``tokenizer.source`` model, and the models
-    that added tokens' embeddings come from (``tokenizer.tokens``)."""
-    refs = []
-    if config.vocabulary_source not in (None, "base", "union"):
-        refs.append(config.vocabulary_source)
-    for entry in (config.tokenizer.tokens or {}).values() if config.tokenizer else ():
-        source = entry.source
-        if isinstance(source, str) and source not in ("base", "union"):
-            refs.append(source)
-        elif source is not None and getattr(source, "model", None):
-            refs.append(source.model)
-    return refs
 
 
 def human_bytes(n: float) -> str:

@@ -314,6 +314,9 @@ def wire_merge_panel(panel: MergePanel, cf, settings: AppSettings, sessions: Ses
             target = session.new_dir("task")
             with session.working():
                 extract_task(out_dir, task, target, resolver=hub_resolver(hf_token(oauth_token)))
+                card = target / "README.md"
+                if not settings.allow_local_paths and card.is_file():  # the base as the visitor names it
+                    card.write_text(settings.redact(card.read_text(encoding="utf-8")), encoding="utf-8")
                 files = sorted(p for p in target.iterdir() if p.is_file())
                 try:
                     archive = make_archive(target, target.with_suffix(".zip"))

@@ -171,7 +171,7 @@ def wire_model_picker(picker: ModelPicker, settings: AppSettings, sessions: Sess
                                      settings.session_quota_bytes, f"upload {path.name}")
                 with disk_full_is_one_line():
                     shutil.copyfile(path, dest)
-                refs[free] = str(dest)
+                refs[free] = settings.shown(dest, target)  # upload:NAME on a public server
                 added.append(path.name)
         except Exception as exc:  # noqa: BLE001 - shown where it happened
             status = failure("upload", exc, settings)

@@ -107,6 +107,7 @@ class SessionStore:
         self.api_idle_s = api_idle_s
         self.upload_ttl_s = upload_ttl_s
         self.started = time.time()
+        self._pages: set[str] = set()  # session hashes seen from a browser page
         self._sweeper: threading.Thread | None = None
         self._stop = threading.Event()
         self._sessions: dict[str, Session] = {}
@@ -121,20 +122,25 @@ class SessionStore:
                 self._sweep_locked()
                 folder = self.root / secrets.token_hex(12)  # not the session hash: folder names reveal nothing
                 folder.mkdir(parents=True, mode=0o700)
-                session = Session(key, folder)
+                session = Session(key, folder, page=key in self._pages)
                 self._sessions[key] = session
             session.last_used = time.time()
             _touch(session.folder)
             return session
 
     def mark_page(self, session_hash: str | None) -> None:
-        """This session has a browser page (Gradio's load event): it ends with its tab, or after max_age_s."""
-        self.get(session_hash).page = True
+        """This session has a browser page (Gradio's load event): it ends with its tab, or after max_age_s. Its
+        folder is made on first use, as any session's."""
+        with self._lock:
+            self._pages.add(session_hash or "anonymous")
+            if (session := self._sessions.get(session_hash or "anonymous")) is not None:
+                session.page = True
 
     def close(self, session_hash: str | None) -> None:
         """End a session: stop its running job and remove its folder."""
         with self._lock:
             session = self._sessions.pop(session_hash or "anonymous", None)
+            self._pages.discard(session_hash or "anonymous")
         if session is not None:
             session.cancel.set()
             shutil.rmtree(session.folder, ignore_errors=True)
@@ -152,6 +158,7 @@ class SessionStore:
             if not session.busy and now - session.last_used > idle:
                 session.cancel.set()
                 del self._sessions[key]
+                self._pages.discard(key)
                 shutil.rmtree(session.folder, ignore_errors=True)
                 removed.append(session.folder)
         owned = {s.folder for s in self._sessions.values()}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import pathlib
+import re
 import resource
 import signal
 import subprocess
@@ -161,15 +162,17 @@ def test_the_cli_reports_a_real_full_disk_in_one_line(family, tmp_path):
 
 
 def test_a_public_servers_outputs_name_inputs_as_the_visitor_does(merge_setup, tmp_path):
-    """Local paths off: the model card and merge_config.yml say ``base``, ``ft0`` (the demo folder's short names)
-    and an upload's file name, never a server path; the exact config stays in the session's hidden record, from
-    which /evaluate matches the config and the check finds its inputs."""
+    """Local paths off: the model card and merge_config.yml say ``demo:base``, ``demo:ft0`` and
+    ``upload:mine.safetensors``, never a server path, and paste back as a config; the exact config stays in the
+    session's hidden record, from which /evaluate matches the config and the check finds its inputs."""
+    from components.common import load_config
     from components.eval_panel import find_merge, merge_record
     from merging.evaluate.inputs import compare_candidates
 
     config, store, _ = merge_setup
     demo_root = Path(config.base_model).parent
-    settings = AppSettings(allow_local_paths=False, private_roots=[store.root, demo_root])
+    settings = AppSettings(allow_local_paths=False, sessions_root=store.root, demo_root=demo_root,
+                           allowed_roots=[demo_root])  # as app.build_app sets them
     session = store.get("visitor")
     (session.folder / "uploads").mkdir()
     upload = session.folder / "uploads" / "mine.safetensors"
@@ -185,7 +188,7 @@ def test_a_public_servers_outputs_name_inputs_as_the_visitor_does(merge_setup, t
         text = (folder / name).read_text()
         assert zipped[name] == text
         assert str(store.root) not in text and str(demo_root) not in text and str(tmp_path) not in text, name
-        assert "mine.safetensors" in text and "base_model: base" in text, (name, text)
+        assert "upload:mine.safetensors" in text and "base_model: demo:base" in text, (name, text)
     record = merge_record(folder)
     assert record.name.startswith(".") and record.read_text() == public.to_yaml()
     assert find_merge(session, public) == folder
@@ -198,4 +201,12 @@ def test_a_public_servers_outputs_name_inputs_as_the_visitor_does(merge_setup, t
     with pytest.raises(MergeError) as err:  # an error names the upload by its file name
         merge_in_session(parse_config(public.to_yaml().replace(str(upload), str(bad))), session, settings)
     shown = settings.redact(str(err.value))
-    assert str(bad) in str(err.value) and shown.startswith("bad.safetensors") and str(store.root) not in shown, shown
+    assert str(bad) in str(err.value) and shown.startswith("upload:bad.safetensors"), shown
+    assert str(store.root) not in shown
+
+    # What the visitor downloaded pastes back: the short names load as the same config; unknown ones are one line.
+    assert load_config(settings.redact(public.to_yaml()), settings, [session.folder]) == public
+    for name, said in (("demo:nothing", "no such demo model (there are base, ft0"),
+                       ("upload:other.safetensors", "no such upload in this session")):
+        with pytest.raises(MergeError, match=re.escape(f"config: {name}: {said}")):
+            load_config(settings.redact(public.to_yaml()).replace("demo:ft0", name), settings, [session.folder])

@@ -190,3 +190,20 @@ def test_start_up_works_offline_whatever_space_variables_are_set(monkeypatch, tm
     sessions.stop_sweeper()
     assert not any(type(b).__name__ == "LoginButton" for b in blocks.blocks.values())
     assert any(getattr(b, "elem_id", None) == "merge-button" for b in blocks.blocks.values())
+
+
+def test_the_page_names_demo_models_by_short_name(space):
+    """The page as a browser gets it (Gradio's /config: every component's value): the demo models are
+    ``demo:NAME`` in the model boxes and the YAML, and no server folder appears; those names merge."""
+    import httpx
+
+    page = httpx.get(space.url + "config", timeout=30).text
+    demo_root = str(Path(space.demo.base).parent)
+    assert "demo:base" in page and "base_model: demo:base" in page
+    assert demo_root not in page and str(space.sessions.root) not in page
+    config = yaml.safe_dump({**space.demo.config_dict(), "base_model": "demo:base",
+                             "models": [{"model": f"demo:{Path(p).name}", "parameters": {"weight": 0.5}}
+                                        for p in list(space.demo.models.values())[:2]]})
+    client = gradio_client.Client(space.url, verbose=False, download_files=False)
+    _, _, summary = client.predict(config, api_name="/merge")
+    assert summary["tensors"] > 0
