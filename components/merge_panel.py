@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+import yaml
 
 from merging import hub
 from merging.config import MergeConfig
@@ -115,10 +116,34 @@ def redact_outputs(folder: Path, settings: AppSettings, record: Path) -> None:
     the inputs from, and what /evaluate matches a config with)."""
     with disk_full_is_one_line():
         shutil.copyfile(folder / "merge_config.yml", record)
-        for name in ("README.md", "merge_config.yml"):
+        for name in ("README.md", "merge_config.yml", "emr.json"):
             path = folder / name
             if path.is_file():
                 path.write_text(settings.redact(path.read_text(encoding="utf-8")), encoding="utf-8")
+
+
+def materialize_in_session(out_dir: Path, task: str, session: Session, settings: AppSettings, *,
+                           token: str | None = None) -> tuple[list[Path], Path]:
+    """Task ``task`` of the session's EMR merge ``out_dir`` as a model of its own, and its zip. On a public server
+    the merge's emr.json names its inputs as the visitor does; the base's path comes from the merge's record."""
+    from merging.emr_store import extract_task
+
+    record, base = config_record(out_dir), None
+    if record.is_file():
+        base = yaml.safe_load(record.read_text(encoding="utf-8")).get("base_model")
+    target = session.new_dir("task")
+    with session.working():
+        try:
+            extract_task(out_dir, task, target, base=base, resolver=hub_resolver(token))
+            card = target / "README.md"
+            if not settings.allow_local_paths and card.is_file():  # the base as the visitor names it
+                with disk_full_is_one_line():
+                    card.write_text(settings.redact(card.read_text(encoding="utf-8")), encoding="utf-8")
+            files = sorted(p for p in target.iterdir() if p.is_file())
+            return files, make_archive(target, target.with_suffix(".zip"))
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
 
 
 def make_archive(folder: Path, zip_path: Path) -> Path:
@@ -304,25 +329,12 @@ def wire_merge_panel(panel: MergePanel, cf, settings: AppSettings, sessions: Ses
         return f"**Pushed** to {url}"
 
     def materialize(values: dict, request: gr.Request, oauth_token: gr.OAuthToken | None = None) -> dict:
-        from merging.emr_store import extract_task
-
         out_dir, task = values[panel.out_dir], values[panel.emr_task]
         try:
             if not out_dir or not task:
                 raise MergeError("materialize: run an EMR merge and pick a task first")
-            session = sessions.get(request.session_hash)
-            target = session.new_dir("task")
-            with session.working():
-                extract_task(out_dir, task, target, resolver=hub_resolver(hf_token(oauth_token)))
-                card = target / "README.md"
-                if not settings.allow_local_paths and card.is_file():  # the base as the visitor names it
-                    card.write_text(settings.redact(card.read_text(encoding="utf-8")), encoding="utf-8")
-                files = sorted(p for p in target.iterdir() if p.is_file())
-                try:
-                    archive = make_archive(target, target.with_suffix(".zip"))
-                except BaseException:
-                    shutil.rmtree(target, ignore_errors=True)
-                    raise
+            files, archive = materialize_in_session(Path(out_dir), task, sessions.get(request.session_hash),
+                                                    settings, token=hf_token(oauth_token))
         except Exception as exc:  # noqa: BLE001 - shown where it happened
             return {panel.emr_status: failure("materialize", exc, settings)}
         return {panel.emr_status: f"**Task model** of `{task}`: downloading {archive.name}; or one file at a time:",

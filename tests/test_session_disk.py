@@ -210,3 +210,27 @@ def test_a_public_servers_outputs_name_inputs_as_the_visitor_does(merge_setup, t
                        ("upload:other.safetensors", "no such upload in this session")):
         with pytest.raises(MergeError, match=re.escape(f"config: {name}: {said}")):
             load_config(settings.redact(public.to_yaml()).replace("demo:ft0", name), settings, [session.folder])
+
+
+def test_a_public_emr_merge_names_its_tasks_as_the_visitor_does_and_still_materializes(merge_setup):
+    from components.merge_panel import materialize_in_session
+
+    config, store, _ = merge_setup
+    demo_root = Path(config.base_model).parent
+    settings = AppSettings(allow_local_paths=False, sessions_root=store.root, demo_root=demo_root,
+                           allowed_roots=[demo_root])
+    session = store.get("visitor")
+    emr = parse_config(yaml.safe_dump({**yaml.safe_load(config.to_yaml()), "merge_method": "emr",
+                                       "models": [{"model": m.model} for m in config.models]}))
+    outcome = merge_in_session(emr, session, settings)
+    assert outcome.emr_tasks == ["demo:ft0", "demo:ft1"]
+    assert str(demo_root) not in (outcome.result.out_dir / "emr.json").read_text()
+    files, archive = materialize_in_session(outcome.result.out_dir, "demo:ft1", session, settings)
+    card = next(p for p in files if p.name == "README.md").read_text()
+    assert "demo:base" in card and str(demo_root) not in card and archive.is_file()
+    local = AppSettings(allow_local_paths=True)  # the same merge and task on a local server: the same weights
+    there = store.get("local")
+    local_files, _ = materialize_in_session(merge_in_session(emr, there, local).result.out_dir,
+                                            config.models[1].model, there, local)
+    weights = {p.name: p.read_bytes() for p in files if p.suffix == ".safetensors"}
+    assert weights and weights == {p.name: p.read_bytes() for p in local_files if p.suffix == ".safetensors"}
