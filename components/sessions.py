@@ -32,6 +32,7 @@ DEFAULT_MAX_AGE_S = 6 * 3600
 DEFAULT_API_IDLE_S = 15 * 60  # an API client's folder, idle this long, is removed (MERGESCOPE_API_IDLE)
 DEFAULT_UPLOAD_TTL_S = 10 * 60  # Gradio's cached uploads older than this are removed
 SWEEP_EVERY_S = 60
+CACHE_ENTRY = re.compile(r"[0-9a-f]{16,64}")  # Gradio's cache folder for one file: its content hash
 OUTPUT = re.compile(r"^\.?(merge|task|check)-\d+(\.zip|\.json|\.yml)?$")  # what actions write (new_dir)
 
 
@@ -178,11 +179,11 @@ class SessionStore:
 
     def sweep_uploads(self) -> list[Path]:
         """Remove Gradio's cached uploads (``<GRADIO_TEMP_DIR>/<hash>/<name>``) older than upload_ttl_s that were
-        made since this store started (what Gradio cached at start-up, the page's own files, stays)."""
+        made since this store started (what Gradio cached before, and its other folders, stay)."""
         removed = []
         now, top = time.time(), gradio_temp_dir()
         for folder in top.iterdir() if top.is_dir() else ():
-            if folder == self.root or folder.name.startswith("mergescope") or not folder.is_dir():
+            if not CACHE_ENTRY.fullmatch(folder.name) or not folder.is_dir():  # Gradio's hash folders only
                 continue
             for path in folder.iterdir():
                 try:

@@ -81,7 +81,7 @@ def test_one_output_per_session_and_a_quota_that_counts_the_zip(merge_setup):
 def test_api_clients_expire_when_idle_and_stale_uploads_are_swept(tmp_path, monkeypatch):
     gradio_dir = tmp_path / "gradio"
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(gradio_dir))
-    kept_asset = gradio_dir / "0a1b2c" / "logo.png"  # cached before the app started: the page's own file
+    kept_asset = gradio_dir / ("0a1b2c" * 6) / "logo.png"  # cached before the app started: the page's own file
     kept_asset.parent.mkdir(parents=True)
     kept_asset.write_bytes(b"png")
     time.sleep(0.05)
@@ -89,16 +89,19 @@ def test_api_clients_expire_when_idle_and_stale_uploads_are_swept(tmp_path, monk
     assert store.root.is_relative_to(gradio_dir)
     api, page, busy = store.get("api-client"), store.get("browser"), store.get("api-busy")
     store.mark_page("browser")
-    rejected = gradio_dir / "9f8e7d" / "rejected.safetensors"  # an upload no event consumed
+    rejected = gradio_dir / ("9f8e7d" * 6) / "rejected.safetensors"  # an upload no event consumed
     rejected.parent.mkdir()
     rejected.write_bytes(b"\0" * 1000)
+    other = gradio_dir / "vibe_edit_history" / "notes.json"  # a folder of Gradio's own, not an upload
+    other.parent.mkdir()
+    other.write_text("{}")
     with busy.working():
         store.start_sweeper(every_s=0.05)
         deadline = time.monotonic() + 30
         while (api.folder.exists() or rejected.exists()) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not api.folder.exists() and not rejected.exists() and not rejected.parent.exists()
-        assert page.folder.exists() and busy.folder.exists() and kept_asset.exists()
+        assert page.folder.exists() and busy.folder.exists() and kept_asset.exists() and other.exists()
     store.stop_sweeper()
 
 
