@@ -19,6 +19,7 @@ import torch
 
 from . import native
 from .bands import HOLD_BYTES, Band, is_elementwise, row_bands
+from .budget import with_budget
 from .config import SAFETENSORS_DTYPE, MergeConfig
 from .errors import Cancelled, MergeError
 from .memory import RetainedMemory, reuse_freed_memory
@@ -334,9 +335,10 @@ class Executor:
 
 def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto", max_shard_size: str | int = "5GB",
               allow_pickle: bool = False, overwrite: bool = False, progress: ProgressFn | None = None,
-              cancel: CancelFn | None = None, resolver=None) -> MergeResult:
-    """Merge as ``config`` says into ``out_dir``; the folder appears only when everything succeeded."""
-    started = time.monotonic()
+              cancel: CancelFn | None = None, resolver=None, time_budget: float | None = None) -> MergeResult:
+    """Merge as ``config`` says into ``out_dir``; the folder appears only when everything succeeded; past
+    ``time_budget`` seconds (``merging.budget``) it stops as a cancel does."""
+    started, cancel = time.monotonic(), with_budget(cancel, time_budget, "the merge")
     reuse_freed_memory()
     # The merge loop allocates small objects by the thousand; without this, the collections they trigger rescan
     # every object torch and the app ever made (seconds over a merge). Objects alive now are long-lived anyway.

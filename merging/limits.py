@@ -10,7 +10,9 @@ anything is opened; ``layer_range`` is also checked against each source's own la
 =====================  =========  ==========================================================================
 name                   value      what it bounds
 =====================  =========  ==========================================================================
-``MAX_MODELS``         64         distinct checkpoints a config reads (base, models, slice sources)
+``MAX_MODELS``         64         distinct checkpoints a config reads (base, models, slice sources), and
+                                 the entries of any one ``models:`` list or slice's ``sources:`` (the
+                                 same model listed 10 000 times is 10 000 inputs to hold)
 ``MAX_MODULES``        16         entries of ``modules:``
 ``MAX_SLICES``         512        slices, over every module
 ``MAX_LAYERS``         4096       the end of any ``layer_range``, and the output's blocks over all slices
@@ -44,6 +46,12 @@ def check_config_limits(config: Any, source: str = "config") -> None:
     if len(refs) > MAX_MODELS:
         raise ConfigError(f"{source}: names {len(refs)} different models; at most {MAX_MODELS} are merged at once")
     modules = config.modules or {}
+    lists = [("models", config.models)] + [(f"modules.{k}.models", m.models) for k, m in modules.items()]
+    lists += [(f"slices[{i}].sources", sl.sources) for i, sl in enumerate(config.slices or [])]
+    for where, entries in lists:
+        if len(entries or []) > MAX_MODELS:
+            raise ConfigError(f"{source}: `{where}` has {len(entries)} entries; at most {MAX_MODELS} inputs are "
+                              "merged at once")
     if len(modules) > MAX_MODULES:
         raise ConfigError(f"{source}: `modules` has {len(modules)} entries; at most {MAX_MODULES} are allowed")
     parts = [("", config.slices, config.models, config.parameters)] + [

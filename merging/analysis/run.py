@@ -10,12 +10,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..budget import with_budget
 from ..config import MergeConfig
 from ..engine import pick_device
 from ..errors import ConfigError
 from ..memory import reuse_freed_memory
 from ..methods.registry import TensorContext
 from ..plan import MergePlan, TensorTask, build_plan
+from ..resources import check_memory
 from ..safetensors_io import DTYPES
 from ..sources import CheckpointSource, open_sources
 from .figures import StatsContext, figures, finite_list, model_labels
@@ -60,16 +62,19 @@ class Request:
 def analyze(config: MergeConfig, *, exact: bool = False, sample: float | None = None, seed: int = 0,
             device: str = "cpu", progress: Callable | None = None, cancel: Callable[[], bool] | None = None,
             resolver=None, allow_pickle: bool = False, sample_threshold_bytes: int = SAMPLE_THRESHOLD_BYTES,
-            whole_tensor_bytes: int = WHOLE_TENSOR_BYTES) -> dict[str, Any]:
+            whole_tensor_bytes: int = WHOLE_TENSOR_BYTES, time_budget: float | None = None) -> dict[str, Any]:
     """The diagnostics of ``config`` as a JSON-ready dict (schema: ``JSON_SCHEMA_DOC``).
 
     ``exact`` forces a full pass; ``sample`` (0 < fraction ≤ 1) samples that fraction of rows; neither: exact up to
-    ``sample_threshold_bytes`` of input, sampled at ``DEFAULT_SAMPLE_FRACTION`` above.
+    ``sample_threshold_bytes`` of input, sampled at ``DEFAULT_SAMPLE_FRACTION`` above. Refused up front when its
+    peak memory cannot fit (as a merge's pre-flight, ``merging.resources``); past ``time_budget`` seconds
+    (``merging.budget``) it stops as a cancel does.
     """
     if exact and sample is not None:
         raise ConfigError("analysis: choose either an exact pass or a sample fraction, not both")
     if sample is not None and not 0 < sample <= 1:
         raise ConfigError(f"analysis: the sample fraction must be in (0, 1], got {sample}")
+    cancel = with_budget(cancel, time_budget, "the analysis")
     request = Request(exact, sample, seed, device, progress, cancel, sample_threshold_bytes, whole_tensor_bytes)
     started = time.monotonic()
     reuse_freed_memory()  # as a merge does: keep freed chunk buffers instead of re-mapping them every tensor
@@ -86,6 +91,7 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], request:
     plan = build_plan(config, sources)
     plan.require_compatible()
     tasks, notes = _analyzed_tasks(plan)
+    check_memory(plan, sources, "this analysis")
     bytes_total = sum(sources[r.model].specs()[r.name].nbytes for t in tasks for r in [t.base, *t.inputs])
     fraction = request.fraction(bytes_total)
     rows = sampled_rows(tasks, sources, fraction, request.seed, request.whole_tensor_bytes)
