@@ -24,6 +24,7 @@ from .config import SAFETENSORS_DTYPE, MergeConfig
 from .errors import Cancelled, MergeError
 from .memory import RetainedMemory, reuse_freed_memory
 from .methods.registry import REDUCED, TensorContext
+from .nonfinite import NonFinite
 from .plan import MergePlan, TensorTask, build_plan
 from .resources import check_resources, uses_kernels
 from .safetensors_io import DTYPES
@@ -360,7 +361,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
             writer = ShardedWriter(tmp, outputs, shard_bytes,
                                    stem="model" if plan.method.model_output else NON_MODEL_STEM)
             stats = totals = None
-            nonfinite: dict[str, int] = {}
+            nonfinite = NonFinite(config.refuse_nonfinite, plan.method.name)
             try:
                 for task, band, base, models in executor.stream(plan.tasks, "merge", banded=True):
                     first_row = band[0] if band else 0
@@ -369,6 +370,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
                         continue
                     if plan.method.stats and (band is None or band[0] == 0):
                         stats = executor.tensor_stats(task, reduced, first=(band, (base, models)))
+                    nonfinite.check_inputs(task, base, models)
                     result, bad = executor.merge(task, base, models, reduced, band, stats)
                     if after_merge:
                         share = executor.reduction_share(task, band, base, models, result)
@@ -379,13 +381,12 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
                             writer.write_async(name, tensor.to(DTYPES[spec.dtype]).cpu(),
                                                _output_first_row(spec, task, first_row))
                     else:
-                        _count_nonfinite(result, task.name, nonfinite, config.refuse_nonfinite, bad)
+                        nonfinite.check_merged(result, task.name, bad)
                         writer.write_async(task.name, result, first_row)
                 writer.finish()
             finally:
                 writer.close()
-            plan.report.notes.extend(f"{name}: {n} NaN/Inf values in the merged tensor"
-                                     for name, n in nonfinite.items())
+            plan.report.notes.extend(nonfinite.notes())
             write_side_files(tmp, plan, sources, totals if after_merge else reduced)
             files = sorted(p.name for p in tmp.iterdir())
         return MergeResult(Path(out_dir).absolute(), files, len(plan.tasks), writer.total_size,
@@ -405,25 +406,6 @@ def _output_first_row(spec: TensorSpec, task: TensorTask, first_row: int) -> int
         assert element % 8 == 0, "bands start on whole bytes of a packed mask"
         return element // 8
     raise AssertionError(f"{task.name}: output {spec} cannot be written band by band")
-
-
-def _count_nonfinite(tensor: torch.Tensor, name: str, counts: dict[str, int], refuse: bool,
-                     bad: int | None = None) -> None:
-    """Report NaN/Inf in merged weights (they come from the inputs); stop at the first when asked to refuse.
-
-    ``bad`` is the count when a kernel already took it; else a finite sum proves there are none (NaN and Inf
-    propagate through a sum), and only a non-finite sum (or an overflowing one) pays for an exact count.
-    """
-    if not tensor.is_floating_point():
-        return
-    if bad is None:
-        total = tensor.sum(dtype=torch.float64)
-        bad = 0 if bool(torch.isfinite(total)) else int(tensor.numel() - torch.isfinite(tensor).sum())
-    if bad:
-        if refuse:
-            raise MergeError(f"{name}: {bad} NaN/Inf values in the merged tensor (refuse_nonfinite is set); "
-                             "check the inputs with `python -m merging inspect`")
-        counts[name] = counts.get(name, 0) + bad
 
 
 def _planned_outputs(plan: MergePlan):

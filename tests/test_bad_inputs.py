@@ -209,6 +209,27 @@ def test_nan_weights_are_reported_and_refused_on_request(pair):
     assert refused.returncode == 0
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "task_arithmetic"])
+def test_nan_inputs_are_reported_even_when_the_method_drops_them(pair, method):
+    """TIES' election and trim (and DARE's, breadcrumbs') compare magnitudes and a NaN loses every comparison: a
+    fine-tune full of NaN is left out and the merged tensors are finite. The notes (CLI, model card) say so."""
+    cfg = llama_config(layers=1)
+    save_checkpoint(pair / "nan", {k: torch.full_like(v, float("nan")) for k, v in llama_tensors(cfg, 2).items()}, cfg)
+    params = "{weight: 1.0, density: 0.5}" if method != "task_arithmetic" else "{weight: 1.0}"
+    text = (f"merge_method: {method}\nbase_model: {pair / 'base'}\nmodels:\n  - model: {pair / 'ft'}\n"
+            f"    parameters: {params}\n  - model: {pair / 'nan'}\n    parameters: {params}\n")
+    (pair / "config.yml").write_text(text)
+    done = run_cli("merge", str(pair / "config.yml"), str(pair / "out"))
+    assert done.returncode == 0, done.stderr
+    if method == "task_arithmetic":  # a weighted sum carries the NaN into the output: said per merged tensor
+        assert "dropped" not in done.stdout and "lm_head.weight: 1024 NaN/Inf values in the merged tensor" in done.stdout
+        return
+    line = next(n for n in done.stdout.splitlines() if n.startswith(f"note: input {pair / 'nan'}: "))
+    dropped = f"{method} dropped them (the merged tensors are finite)"
+    assert "NaN/Inf values in 12 tensors" in line and dropped in line and "in the merged tensor" not in done.stdout
+    assert dropped in (pair / "out" / "README.md").read_text()
+
+
 def test_negative_weights_are_not_bad_input(pair):
     done = merge(pair, str(pair / "ft"), extra="    parameters: {weight: -1.0}\n")
     assert done.returncode == 0, done.stderr
