@@ -8,6 +8,7 @@ copies of one tensor; no shard is ever buffered. Methods with a reduction get a 
 
 from __future__ import annotations
 
+import errno
 import gc
 import time
 from collections.abc import Callable
@@ -387,7 +388,12 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
             finally:
                 writer.close()
             plan.report.notes.extend(nonfinite.notes())
-            write_side_files(tmp, plan, sources, totals if after_merge else reduced)
+            try:  # tokenizer files, config, model card: a full disk here is said as for the weights
+                write_side_files(tmp, plan, sources, totals if after_merge else reduced)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EFBIG):
+                    raise
+                raise MergeError(f"disk full while writing the output: {exc.strerror}") from None
             files = sorted(p.name for p in tmp.iterdir())
         return MergeResult(Path(out_dir).absolute(), files, len(plan.tasks), writer.total_size,
                            time.monotonic() - started, str(dev), plan.report.notes)

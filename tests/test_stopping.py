@@ -5,6 +5,10 @@ full disk in the middle of a merge, each followed by a run that recovers."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -129,3 +133,103 @@ def test_a_cancelled_api_merge_stops_writing_and_leaves_no_folder(tmp_path_facto
                                                   api_name="/merge")
         assert summary["tensors"] == 57 and sorted(p.name for p in session.folder.iterdir()) == ["merge-2",
                                                                                                 "merge-2.zip"]
+
+
+# ----- crashes in the middle of a merge, then a run that recovers -----
+def hub_config(*refs: str) -> str:
+    base, *models = refs
+    return ta_config(Path("."), base, *models)
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix == ".safetensors"}
+
+
+def test_kill_9_during_a_streamed_merge_leaves_a_temp_folder_the_next_run_removes(world, no_ambient_token, tmp_path):
+    """The CLI streams three checkpoints from the fake Hub over a slowed link and is killed (SIGKILL) while its
+    output is being written: no output folder, only the hidden temp folder, which the next merge removes."""
+    from hub_world import resolver
+
+    hub = world["hub"]
+    cfg = tmp_path / "hub.yml"
+    cfg.write_text(hub_config("acme/base", "acme/ft0", "acme/ft1"))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MERGESCOPE_HF_ENDPOINT": hub.url}
+    hub.chunk_delay_s = 0.01  # ~13 MB in 64 KB chunks: seconds of streaming
+    try:
+        child = subprocess.Popen([sys.executable, "-m", "merging", "merge", str(cfg), str(out)], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        temp = []
+        while time.monotonic() < deadline and child.poll() is None:
+            temp = [p for p in tmp_path.glob(".out.mergescope-tmp-*") if any(p.iterdir())]
+            if temp:
+                break
+            time.sleep(0.02)
+        assert temp and child.poll() is None, "the merge finished (or failed) before it could be killed"
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(30) == -signal.SIGKILL
+    finally:
+        hub.chunk_delay_s = 0.0
+        if child.poll() is None:
+            child.kill()
+    assert not out.exists() and [p.name for p in leftovers(out)] == [temp[0].name]
+    done = run_merge(parse_config(cfg.read_text()), out, resolver=resolver(world))
+    assert done.tensors > 0 and [p.name for p in leftovers(out)] == ["out"]  # the stale temp folder is gone
+    run_merge(parse_config(hub_config(str(world["base"]), str(world["ft0"]), str(world["ft1"]))), tmp_path / "local")
+    assert file_bytes(out) == file_bytes(tmp_path / "local")
+
+
+def test_a_connection_dropped_mid_tensor_that_stays_down_leaves_nothing(world, no_ambient_token, tmp_path):
+    from hub_world import resolver
+    from test_hub import read_local_header
+
+    from merging.errors import SourceError
+
+    hub = world["hub"]
+    infos, _ = read_local_header(world["ft0"] / "model.safetensors")
+    info = max(infos.values(), key=lambda i: i.nbytes)
+    # cut in the middle of the largest tensor, then three 503s: more than the two retries allowed
+    hub.drop_once("acme/ft0", "model.safetensors", at_offset=info.start + info.nbytes // 2, then_fail=3)
+    config = parse_config(hub_config("acme/base", "acme/ft0"))
+    out = tmp_path / "out"
+    with pytest.raises(SourceError, match=r"^acme/ft0/model.safetensors: download failed after 2 retries") as err:
+        run_merge(config, out, resolver=resolver(world, retries=2))
+    assert "\n" not in str(err.value) and hub.pending_faults() == 0 and leftovers(out) == []
+    assert run_merge(config, out, resolver=resolver(world)).tensors > 0  # the next run recovers
+    run_merge(parse_config(hub_config(str(world["base"]), str(world["ft0"]))), tmp_path / "local")
+    assert file_bytes(out) == file_bytes(tmp_path / "local")
+
+
+def tokenizer_json(folder: Path, tokens: list[str]) -> None:
+    import tokenizers
+
+    spec = {"version": "1.0", "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(tokens)},
+                                        "unk_token": tokens[0]}, "added_tokens": []}
+    tokenizers.Tokenizer.from_str(__import__("json").dumps(spec)).save(str(folder / "tokenizer.json"))
+
+
+def test_the_disk_filling_during_a_tokenizer_union_merge_leaves_nothing(tmp_path):
+    """RLIMIT_FSIZE in a child stands in for a full disk, set between the weights' size and the union tokenizer's:
+    the weights are written, the tokenizer file is not. One line, no folder; the next run recovers."""
+    from test_bad_inputs import assert_refused
+
+    long = [f"<tok_{i}_" + "x" * 600 + ">" for i in range(66)]  # a tokenizer file larger than the weights
+    for name, vocab, seed in (("base", 64, 0), ("ft", 66, 1)):
+        cfg = llama_config(layers=1, vocab=vocab)
+        folder = save_checkpoint(tmp_path / name, llama_tensors(cfg, seed), cfg)
+        tokenizer_json(folder, long[:vocab])
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(ta_config(tmp_path) + "tokenizer_source: union\n")
+    weights = 20_000 + (tmp_path / "ft" / "model.safetensors").stat().st_size
+    assert weights < (tmp_path / "ft" / "tokenizer.json").stat().st_size
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({weights}, {weights})); "
+            "from merging.__main__ import main; sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", code, "merge", str(cfg), str(out)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert_refused(done, "disk full while writing the output", out=out)
+    done = run_merge(parse_config(cfg.read_text()), out)  # the next run (room enough) recovers
+    assert (out / "tokenizer.json").stat().st_size > weights and done.tensors > 0
