@@ -20,6 +20,7 @@ name                   value      what it bounds
 ``MAX_PROBES``         10 000     (filter × depth) points at which a method's rules are checked
 ``MAX_TOKEN_ENTRIES``  4096       entries of ``tokenizer.tokens``
 ``MAX_TENSORS``        250 000    tensors in one checkpoint (DeepSeek-V3, 256 experts: about 91 000)
+``MAX_VOCAB``          2^24       token ids in a tokenizer.json (the largest vocabularies: about 256 000)
 =====================  =========  ==========================================================================
 """
 
@@ -37,6 +38,7 @@ MAX_VALUE_ENTRIES = 256
 MAX_PROBES = 10_000
 MAX_TOKEN_ENTRIES = 4096
 MAX_TENSORS = 250_000
+MAX_VOCAB = 1 << 24
 
 
 def check_config_limits(config: Any, source: str = "config") -> None:

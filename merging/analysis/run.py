@@ -16,6 +16,7 @@ from ..engine import pick_device
 from ..errors import ConfigError
 from ..memory import reuse_freed_memory
 from ..methods.registry import TensorContext
+from ..nonfinite import NonFinite
 from ..plan import MergePlan, TensorTask, build_plan
 from ..resources import check_memory
 from ..safetensors_io import DTYPES
@@ -100,14 +101,18 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], request:
     read_before = _bytes_read(sources)
     passes = 2 if _needs_reduction(executor) else 1
     reduced = _reduction(executor, tasks) if passes == 2 else None
-    per_tensor, several_outputs = _sum_tensors(executor, tasks, reduced)
+    nonfinite = NonFinite(False, plan.method.name)
+    nonfinite.count_inputs = True  # a statistic over a NaN input is NaN or silently short: always say so
+    per_tensor, several_outputs = _sum_tensors(executor, tasks, reduced, nonfinite)
+    notes[:0] = [f"{n}: the statistics of that model are not meaningful there" for n in nonfinite.notes()]
     bytes_read = _bytes_read(sources) - read_before
     if several_outputs:
         notes.append(f"{plan.method.name} writes several tensors per input tensor: no merged-distance statistics")
     whole = TensorSums.add([s for _, s in per_tensor])
     sampled = fraction < 1
-    ctx = _stats_context(plan, tasks, whole, sampled)
-    stats = figures(per_tensor, whole, ctx)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # NaN/Inf inputs: said in the notes
+        ctx = _stats_context(plan, tasks, whole, sampled)
+        stats = figures(per_tensor, whole, ctx)
     meta = {
         "mode": "sampled" if sampled else "exact",
         "sample_fraction": fraction if sampled else None,
@@ -167,8 +172,8 @@ def _reduction(executor: AnalysisExecutor, tasks: list[TensorTask]) -> torch.Ten
     return total
 
 
-def _sum_tensors(executor: AnalysisExecutor, tasks: list[TensorTask],
-                 reduced: torch.Tensor | None) -> tuple[list[tuple[TensorTask, TensorSums]], bool]:
+def _sum_tensors(executor: AnalysisExecutor, tasks: list[TensorTask], reduced: torch.Tensor | None,
+                 nonfinite: NonFinite) -> tuple[list[tuple[TensorTask, TensorSums]], bool]:
     """Every tensor's sums, unit by unit as the engine streams them, band by band like a merge (whole-tensor
     quantities, the trim's and the method's top-k cuts, come from the statistics passes first, so a banded tensor
     is never held whole); and whether the method wrote several tensors per input (then no merged distance)."""
@@ -183,6 +188,7 @@ def _sum_tensors(executor: AnalysisExecutor, tasks: list[TensorTask],
             stats = executor.tensor_stats(task, reduced, first=first) if method.stats else None
             densities = trim_densities(method, task.params, len(inputs))
             cuts = tensor_cuts(executor, task, reduced, densities, stats, first)
+        nonfinite.check_inputs(task, base, inputs)
         ctx = executor.context(task, band, reduced, stats)
         sums, several = _unit_sums(executor, task, band, base, inputs, ctx, Trim(cuts, ctx))
         several_outputs |= several
