@@ -27,6 +27,7 @@ from pathlib import Path
 import gradio as gr
 
 from merging import hub
+from merging.budget import OverBudget
 from merging.config import MergeConfig
 from merging.engine import MergeResult, Progress, run_merge
 from merging.errors import Cancelled, MergeError
@@ -213,8 +214,10 @@ def wire_merge_panel(panel: MergePanel, cf, settings: AppSettings, sessions: Ses
 
             outcome = merge_in_session(config, session, settings, token=hf_token(oauth_token),
                                        on_progress=on_progress)
-        except Cancelled:
-            return {panel.status: "**Cancelled:** the merge stopped and nothing was written."
+        except Cancelled as exc:  # the Cancel button, a closed tab, or the time budget (merging.budget)
+            what = f"**Stopped:** {exc}." if isinstance(exc, OverBudget) else \
+                "**Cancelled:** the merge stopped and nothing was written."
+            return {panel.status: what
                                   + (" The files below are from the previous merge." if previous else "")}
         except Exception as exc:  # noqa: BLE001 - shown where it happened (failure() logs bugs with their traceback)
             status = failure("merge", exc)

@@ -127,12 +127,20 @@ def test_a_cancelled_api_merge_stops_writing_and_leaves_no_folder(tmp_path_facto
         assert session.cancel.is_set()  # the engine saw the flag: the work stopped, not only the reply
         time.sleep(1.0)
         assert list(session.folder.iterdir()) == []  # and nothing grows again
+        # A budget set on the server stops an API merge the same way, with its one line as the API error.
+        os.environ[budget.ENV] = "0.5"
+        try:
+            with pytest.raises(gradio_client.exceptions.AppError, match="the merge stopped after its time budget"):
+                client.predict(yaml.safe_dump(served.demo.config_dict(), sort_keys=False), api_name="/merge")
+        finally:
+            del os.environ[budget.ENV]
+        assert list(session.folder.iterdir()) == []
         # The session works on: the next merge (no delay now) completes.
         served.settings.tensor_delay_s = 0.0
         files, _archive, summary = client.predict(yaml.safe_dump(served.demo.config_dict(), sort_keys=False),
                                                   api_name="/merge")
-        assert summary["tensors"] == 57 and sorted(p.name for p in session.folder.iterdir()) == ["merge-2",
-                                                                                                "merge-2.zip"]
+        assert summary["tensors"] == 57 and sorted(p.name for p in session.folder.iterdir()) == ["merge-3",
+                                                                                                "merge-3.zip"]
 
 
 # ----- crashes in the middle of a merge, then a run that recovers -----
