@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from checkpoints import fine_tune, llama_config, llama_tensors, save_checkpoint
+import test_bad_inputs
+from checkpoints import llama_config, llama_tensors, save_checkpoint
 
 from merging import budget
 from merging.budget import OverBudget
@@ -22,15 +23,7 @@ from merging.engine import run_merge
 from merging.errors import Cancelled, MergeError
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def pair(tmp_path):
-    cfg = llama_config(layers=2)
-    base = llama_tensors(cfg, 0)
-    save_checkpoint(tmp_path / "base", base, cfg)
-    save_checkpoint(tmp_path / "ft", fine_tune(base, 1), cfg)
-    return tmp_path
+pair = test_bad_inputs.pair  # the fixture: a base and a fine-tune of one layer
 
 
 def ta_config(root: Path, base: str | None = None, *models: str) -> str:
@@ -54,10 +47,10 @@ def test_a_merge_past_its_budget_stops_as_a_cancel_does(pair):
     config = parse_config(ta_config(pair))
     out = pair / "out"
     with pytest.raises(OverBudget, match=r"the merge stopped after its time budget of 0.3 s .*nothing was written"):
-        run_merge(config, out, progress=slow(0.05), time_budget=0.3)  # 21 tensors × 50 ms: over 0.3 s
+        run_merge(config, out, progress=slow(0.05), time_budget=0.3)  # 12 tensors × 50 ms: over 0.3 s
     assert isinstance(OverBudget("x"), Cancelled) and leftovers(out) == []
     done = run_merge(config, out, time_budget=60)  # the next run recovers; a budget not reached changes nothing
-    assert done.tensors == 21 and (out / "model.safetensors").is_file()
+    assert done.tensors == 12 and (out / "model.safetensors").is_file()
 
 
 def test_the_budget_comes_from_the_flag_the_environment_or_the_space(monkeypatch):
