@@ -358,3 +358,28 @@ def test_tokenizer_union_refuses_broken_tokenizers_with_one_line(tmp_path, case)
     cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
                    f"  - model: {tmp_path / 'ft'}\n    parameters: {{weight: 1.0}}\n" + (extra or "tokenizer_source: union\n"))
     assert_refused(run_cli("merge", str(cfg), str(tmp_path / "out")), fragment, out=tmp_path / "out")
+
+
+def test_an_analysis_too_big_for_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    """Header-claimed 16 GB inputs (sparse files: nothing on disk) made /analyze attempt 32 GB allocations; now the
+    merge's memory pre-flight runs first and refuses with the figures (MERGESCOPE_MEMORY_LIMIT plays the machine)."""
+    for name in ("base", "ft"):
+        (tmp_path / name).mkdir()
+        header = json.dumps({"w": {"dtype": "F32", "shape": [65536, 65536], "data_offsets": [0, 4 * 65536**2]}}).encode()
+        with open(tmp_path / name / "model.safetensors", "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header)
+            f.truncate(8 + len(header) + 4 * 65536**2)
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(f"merge_method: ties\nbase_model: {tmp_path / 'base'}\nmodels:\n  - model: {tmp_path / 'ft'}\n"
+                   "    parameters: {weight: 1.0, density: 0.5}\n")
+    monkeypatch.setenv("MERGESCOPE_MEMORY_LIMIT", "8GB")
+    assert_refused(run_cli("analyze", str(cfg)), "not enough memory: this analysis (peak at w) needs about",
+                   "only 8.00 GB is available ($MERGESCOPE_MEMORY_LIMIT)")
+
+
+def test_one_model_listed_a_thousand_times_is_refused_in_one_line(pair):
+    entry = "  - {model: ft, parameters: {weight: 1.0}}\n"  # refused at validation: nothing is opened
+    cfg = pair / "config.yml"
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {pair / 'base'}\nmodels:\n" + entry * 1000)
+    # the demo model listed 10 000 times grew /analyze to 13.6 GB; any list past the ceiling is refused at validation
+    assert_refused(run_cli("analyze", str(cfg)), "`models` has 1000 entries; at most 64 inputs are merged at once")
