@@ -48,16 +48,17 @@ def check_config_limits(config: Any, source: str = "config") -> None:
     if len(refs) > MAX_MODELS:
         raise ConfigError(f"{source}: names {len(refs)} different models; at most {MAX_MODELS} are merged at once")
     modules = config.modules or {}
+    parts = [("", config.slices, config.models, config.parameters)] + [
+        (f"modules.{name}.", m.slices, m.models, m.parameters) for name, m in modules.items()]
     lists = [("models", config.models)] + [(f"modules.{k}.models", m.models) for k, m in modules.items()]
-    lists += [(f"slices[{i}].sources", sl.sources) for i, sl in enumerate(config.slices or [])]
+    lists += [(f"{where}slices[{i}].sources", sl.sources) for where, slices, _, _ in parts
+              for i, sl in enumerate(slices or [])]
     for where, entries in lists:
         if len(entries or []) > MAX_MODELS:
             raise ConfigError(f"{source}: `{where}` has {len(entries)} entries; at most {MAX_MODELS} inputs are "
                               "merged at once")
     if len(modules) > MAX_MODULES:
         raise ConfigError(f"{source}: `modules` has {len(modules)} entries; at most {MAX_MODULES} are allowed")
-    parts = [("", config.slices, config.models, config.parameters)] + [
-        (f"modules.{name}.", m.slices, m.models, m.parameters) for name, m in modules.items()]
     n_slices = sum(len(slices or []) for _, slices, _, _ in parts)
     if n_slices > MAX_SLICES:
         raise ConfigError(f"{source}: {n_slices} slices; at most {MAX_SLICES} are allowed")
