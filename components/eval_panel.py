@@ -13,6 +13,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from merging.budget import OverBudget
 from merging.config import MergeConfig
 from merging.errors import Cancelled, MergeError
 
@@ -121,8 +122,8 @@ def wire_eval_panel(panel: EvalPanel, out_dir: gr.State, settings: AppSettings, 
             progress(0, desc="loading the merged model")
             report = check_in_session(folder, session, settings,
                                       progress=lambda fraction, text: progress(fraction, desc=text))
-        except Cancelled:
-            return kept("**Cancelled:** the check stopped.")
+        except Cancelled as exc:  # the Cancel button, a closed tab, or the time budget (merging.budget)
+            return kept(f"**Stopped:** {exc}." if isinstance(exc, OverBudget) else "**Cancelled:** the check stopped.")
         except Exception as exc:  # noqa: BLE001 - shown where it happened (failure() logs bugs with their traceback)
             return kept(failure("check", exc, settings))
         status, figure, caption, table, conts = views(report)

@@ -29,6 +29,7 @@ import gradio as gr
 import yaml
 
 from merging import hub
+from merging.budget import OverBudget
 from merging.config import MergeConfig
 from merging.engine import MergeResult, Progress, run_merge
 from merging.errors import Cancelled, MergeError
@@ -289,8 +290,10 @@ def wire_merge_panel(panel: MergePanel, cf, settings: AppSettings, sessions: Ses
 
             outcome = merge_in_session(config, session, settings, token=hf_token(oauth_token),
                                        on_progress=on_progress)
-        except Cancelled:
-            return kept("**Cancelled:** the merge stopped and nothing was written.", previous)
+        except Cancelled as exc:  # the Cancel button, a closed tab, or the time budget (merging.budget)
+            what = f"**Stopped:** {settings.redact(str(exc))}." if isinstance(exc, OverBudget) else \
+                "**Cancelled:** the merge stopped and nothing was written."
+            return kept(what, previous)
         except Exception as exc:  # noqa: BLE001 - shown where it happened (failure() logs bugs with their traceback)
             return kept(failure("merge", exc, settings), previous)
         single = outcome.weights[0] if len(outcome.weights) == 1 and not outcome.emr_tasks else None

@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from . import budget
 from .errors import MergeError
 
 
@@ -42,7 +43,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     try:
         result = run_merge(config, args.out_dir, device=args.device, max_shard_size=args.max_shard_size,
                            allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=progress,
-                           resolver=_resolver(args))
+                           resolver=_resolver(args), time_budget=args.time_budget)
     finally:
         close()
     print(f"merged {result.tensors} tensors ({result.bytes_written / 1e9:.3f} GB) into {result.out_dir} "
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge models of different architectures (as mergekit's flag; `allow_crimes: true`)")
     p.add_argument("--hub-cache", action="store_true",
                    help="download Hub inputs into the huggingface_hub cache instead of streaming them")
+    budget.add_flag(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("inspect", help="describe checkpoints; with several, check them against the first")

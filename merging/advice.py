@@ -47,7 +47,9 @@ MAX_FINDINGS = 8
 
 
 def advise(stats: dict, report: dict | None = None) -> dict[str, Any]:
-    """Findings and a recommended merge for the analysis ``stats`` (see the module docstring)."""
+    """Findings and a recommended merge for the analysis ``stats`` (see the module docstring); a NaN or infinite
+    number in them (a statistics JSON written by hand or by another tool) counts as missing, as the analysis' None."""
+    stats = _finite(stats)
     view = _View(stats)
     findings = [f for f in (_relative_size(view), _sign_conflicts(view), _trimmed(view), _similarity(view),
                             _norms(view), _nan(view), _emr(view), _outlier_groups(view)) if f]
@@ -55,6 +57,14 @@ def advise(stats: dict, report: dict | None = None) -> dict[str, Any]:
     recommendation = _recommend(view)
     return {"findings": _select(findings), "recommendation": recommendation, "alternative": _alternative(view),
             "thresholds": dict(THRESHOLDS)}
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _select(findings: list[dict]) -> list[dict]:

@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from . import budget
 from .errors import MergeError
 
 
@@ -50,7 +51,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     html_path = _writable(args.html, "--html") if args.html else None
     config = load_config(args.config)
     stats = analyze(config, exact=args.exact, sample=args.sample, seed=args.seed, device=args.device,
-                    allow_pickle=args.allow_pickle, resolver=_resolver(args))
+                    allow_pickle=args.allow_pickle, resolver=_resolver(args), time_budget=args.time_budget)
     written = []
     if json_path is not None:
         tmp = json_path.with_name(json_path.name + ".tmp")
@@ -90,6 +91,7 @@ def add_commands(subparsers) -> None:
                       help="read this fraction of each tensor's rows (default 0.05 above 2 GB of input)")
     p.add_argument("--seed", type=int, default=0, help="seed of the row sample (default 0)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    budget.add_flag(p)
     p.add_argument("--allow-pickle", action="store_true",
                    help="load PyTorch pickles with torch.load(weights_only=True)")
     p.set_defaults(func=cmd_analyze)

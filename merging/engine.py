@@ -19,10 +19,12 @@ import torch
 
 from . import native
 from .bands import HOLD_BYTES, Band, is_elementwise, row_bands
+from .budget import with_budget
 from .config import SAFETENSORS_DTYPE, MergeConfig
 from .errors import Cancelled, MergeError
 from .memory import RetainedMemory, reuse_freed_memory
 from .methods.registry import REDUCED, TensorContext
+from .nonfinite import NonFinite
 from .plan import MergePlan, TensorTask, build_plan
 from .resources import check_resources, uses_kernels
 from .safetensors_io import DTYPES
@@ -334,11 +336,12 @@ class Executor:
 
 def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto", max_shard_size: str | int = "5GB",
               allow_pickle: bool = False, overwrite: bool = False, progress: ProgressFn | None = None,
-              cancel: CancelFn | None = None, resolver=None,
+              cancel: CancelFn | None = None, resolver=None, time_budget: float | None = None,
               disk_check: Callable[[int], None] | None = None) -> MergeResult:
-    """Merge as ``config`` says into ``out_dir``; the folder appears only when everything succeeded. ``disk_check``:
-    the caller's own check of the output's estimated bytes (a quota, a zip), with the pre-flight."""
-    started = time.monotonic()
+    """Merge as ``config`` says into ``out_dir``; the folder appears only when everything succeeded; past
+    ``time_budget`` seconds (``merging.budget``) it stops as a cancel does. ``disk_check``: the caller's own check of
+    the output's estimated bytes (a quota, a zip), with the pre-flight."""
+    started, cancel = time.monotonic(), with_budget(cancel, time_budget, "the merge")
     reuse_freed_memory()
     # The merge loop allocates small objects by the thousand; without this, the collections they trigger rescan
     # every object torch and the app ever made (seconds over a merge). Objects alive now are long-lived anyway.
@@ -362,7 +365,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
             writer = ShardedWriter(tmp, outputs, shard_bytes,
                                    stem="model" if plan.method.model_output else NON_MODEL_STEM)
             stats = totals = None
-            nonfinite: dict[str, int] = {}
+            nonfinite = NonFinite(config.refuse_nonfinite, plan.method.name)
             try:
                 for task, band, base, models in executor.stream(plan.tasks, "merge", banded=True):
                     first_row = band[0] if band else 0
@@ -371,6 +374,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
                         continue
                     if plan.method.stats and (band is None or band[0] == 0):
                         stats = executor.tensor_stats(task, reduced, first=(band, (base, models)))
+                    nonfinite.check_inputs(task, base, models)
                     result, bad = executor.merge(task, base, models, reduced, band, stats)
                     if after_merge:
                         share = executor.reduction_share(task, band, base, models, result)
@@ -381,13 +385,13 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
                             writer.write_async(name, tensor.to(DTYPES[spec.dtype]).cpu(),
                                                _output_first_row(spec, task, first_row))
                     else:
-                        _count_nonfinite(result, task.name, nonfinite, config.refuse_nonfinite, bad)
+                        nonfinite.check_merged(result, task.name, bad)
                         writer.write_async(task.name, result, first_row)
                 writer.finish()
             finally:
                 writer.close()
-            plan.report.notes.extend(f"{name}: {n} NaN/Inf values in the merged tensor"
-                                     for name, n in nonfinite.items())
+            plan.report.notes.extend(nonfinite.notes())
+            # tokenizer files, config, model card: a full disk here is one line too (OutputFolder says it)
             write_side_files(tmp, plan, sources, totals if after_merge else reduced)
             files = sorted(p.name for p in tmp.iterdir())
         return MergeResult(Path(out_dir).absolute(), files, len(plan.tasks), writer.total_size,
@@ -407,25 +411,6 @@ def _output_first_row(spec: TensorSpec, task: TensorTask, first_row: int) -> int
         assert element % 8 == 0, "bands start on whole bytes of a packed mask"
         return element // 8
     raise AssertionError(f"{task.name}: output {spec} cannot be written band by band")
-
-
-def _count_nonfinite(tensor: torch.Tensor, name: str, counts: dict[str, int], refuse: bool,
-                     bad: int | None = None) -> None:
-    """Report NaN/Inf in merged weights (they come from the inputs); stop at the first when asked to refuse.
-
-    ``bad`` is the count when a kernel already took it; else a finite sum proves there are none (NaN and Inf
-    propagate through a sum), and only a non-finite sum (or an overflowing one) pays for an exact count.
-    """
-    if not tensor.is_floating_point():
-        return
-    if bad is None:
-        total = tensor.sum(dtype=torch.float64)
-        bad = 0 if bool(torch.isfinite(total)) else int(tensor.numel() - torch.isfinite(tensor).sum())
-    if bad:
-        if refuse:
-            raise MergeError(f"{name}: {bad} NaN/Inf values in the merged tensor (refuse_nonfinite is set); "
-                             "check the inputs with `python -m merging inspect`")
-        counts[name] = counts.get(name, 0) + bad
 
 
 def _planned_outputs(plan: MergePlan):

@@ -10,7 +10,9 @@ anything is opened; ``layer_range`` is also checked against each source's own la
 =====================  =========  ==========================================================================
 name                   value      what it bounds
 =====================  =========  ==========================================================================
-``MAX_MODELS``         64         distinct checkpoints a config reads (base, models, slice sources)
+``MAX_MODELS``         64         distinct checkpoints a config reads (base, models, slice sources), and
+                                 the entries of any one ``models:`` list or slice's ``sources:`` (the
+                                 same model listed 10 000 times is 10 000 inputs to hold)
 ``MAX_MODULES``        16         entries of ``modules:``
 ``MAX_SLICES``         512        slices, over every module
 ``MAX_LAYERS``         4096       the end of any ``layer_range``, and the output's blocks over all slices
@@ -18,6 +20,7 @@ name                   value      what it bounds
 ``MAX_PROBES``         10 000     (filter × depth) points at which a method's rules are checked
 ``MAX_TOKEN_ENTRIES``  4096       entries of ``tokenizer.tokens``
 ``MAX_TENSORS``        250 000    tensors in one checkpoint (DeepSeek-V3, 256 experts: about 91 000)
+``MAX_VOCAB``          2^24       token ids in a tokenizer.json (the largest vocabularies: about 256 000)
 =====================  =========  ==========================================================================
 """
 
@@ -35,6 +38,7 @@ MAX_VALUE_ENTRIES = 256
 MAX_PROBES = 10_000
 MAX_TOKEN_ENTRIES = 4096
 MAX_TENSORS = 250_000
+MAX_VOCAB = 1 << 24
 
 
 def check_config_limits(config: Any, source: str = "config") -> None:
@@ -44,10 +48,17 @@ def check_config_limits(config: Any, source: str = "config") -> None:
     if len(refs) > MAX_MODELS:
         raise ConfigError(f"{source}: names {len(refs)} different models; at most {MAX_MODELS} are merged at once")
     modules = config.modules or {}
-    if len(modules) > MAX_MODULES:
-        raise ConfigError(f"{source}: `modules` has {len(modules)} entries; at most {MAX_MODULES} are allowed")
     parts = [("", config.slices, config.models, config.parameters)] + [
         (f"modules.{name}.", m.slices, m.models, m.parameters) for name, m in modules.items()]
+    lists = [("models", config.models)] + [(f"modules.{k}.models", m.models) for k, m in modules.items()]
+    lists += [(f"{where}slices[{i}].sources", sl.sources) for where, slices, _, _ in parts
+              for i, sl in enumerate(slices or [])]
+    for where, entries in lists:
+        if len(entries or []) > MAX_MODELS:
+            raise ConfigError(f"{source}: `{where}` has {len(entries)} entries; at most {MAX_MODELS} inputs are "
+                              "merged at once")
+    if len(modules) > MAX_MODULES:
+        raise ConfigError(f"{source}: `modules` has {len(modules)} entries; at most {MAX_MODULES} are allowed")
     n_slices = sum(len(slices or []) for _, slices, _, _ in parts)
     if n_slices > MAX_SLICES:
         raise ConfigError(f"{source}: {n_slices} slices; at most {MAX_SLICES} are allowed")

@@ -183,6 +183,14 @@ def require_memory(need: int, what: str, available: int | None = None, source: s
                          f"available ({source}); use a bigger machine, or set {SWITCH_ENV}=0 to try anyway")
 
 
+def check_memory(plan, sources: dict | None, what: str, fused: bool | None = None) -> ResourceEstimate:
+    """Raise MergeError with the figures when a pass over ``plan`` (an analysis: the merge's units, nothing written)
+    cannot fit in free memory."""
+    estimate = estimate_resources(plan, sources, fused)
+    require_memory(estimate.memory, f"{what} (peak at {estimate.largest_task})")
+    return estimate
+
+
 def check_resources(plan, out_dir: str | os.PathLike, sources: dict | None = None,
                     fused: bool | None = None) -> ResourceEstimate:
     """Raise MergeError with the figures when the merge's estimated memory or disk exceeds what is free."""

@@ -27,6 +27,7 @@ import torch
 from .architectures import tied_partner
 from .config import MergeConfig, TokenEmbedding, TokenSource
 from .errors import ConfigError, SourceError
+from .limits import MAX_VOCAB
 from .safetensors_io import DTYPES
 from .sources import CheckpointSource, TensorSpec, open_source, read_json_file
 from .sources.base import frozen_specs
@@ -124,21 +125,36 @@ def read_vocab(source: CheckpointSource) -> ModelVocab | None:
         return None
     model = tok["model"]
     vocab = model.get("vocab")
+    where = f"{source.label}: tokenizer.json"
     if isinstance(vocab, dict):
-        tokens = {str(k): int(v) for k, v in vocab.items()}
+        tokens = {str(k): _token_id(v, f"{where}: the vocabulary's id of {str(k)[:40]!r}") for k, v in vocab.items()}
     elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
-        tokens = {str(entry[0]): i for i, entry in enumerate(vocab)}
+        if not all(isinstance(e, list | tuple) and e and isinstance(e[0], str) for e in vocab):
+            raise SourceError(f"{where}: a {model.get('type')} vocabulary entry is not a [piece, score] pair")
+        tokens = {entry[0]: i for i, entry in enumerate(vocab)}
     else:
         raise SourceError(f"{source.label}: tokenizer.json has a {model.get('type')} model without a vocabulary")
     added = {}
-    for entry in tok.get("added_tokens") or []:
-        tokens[str(entry["content"])] = int(entry["id"])
-        added[str(entry["content"])] = dict(entry)
+    entries = tok.get("added_tokens") or []
+    if not isinstance(entries, list):
+        raise SourceError(f"{where}: `added_tokens` is not a list")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+            raise SourceError(f"{where}: added_tokens[{i}] is not an object with a `content` string")
+        tokens[entry["content"]] = _token_id(entry.get("id"), f"{where}: added_tokens[{i}].id")
+        added[entry["content"]] = dict(entry)
     cfg = read_json_file(source, "config.json") or {}
     rows = cfg.get("vocab_size") if isinstance(cfg.get("vocab_size"), int) else None
     if rows is None and isinstance(cfg.get("text_config"), dict):
         rows = cfg["text_config"].get("vocab_size")
     return ModelVocab(tokens, added, rows or len(tokens), tok)
+
+
+def _token_id(value, where: str) -> int:
+    """A token id as tokenizer.json writes it: a non-negative integer (a huge one would size the vocabulary)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_VOCAB:
+        raise SourceError(f"{where} is {str(value)[:40]!r}, not a token id (an integer from 0 to {MAX_VOCAB - 1:,})")
+    return value
 
 
 def _with_forced(tokens: dict[str, int], forced: dict) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """A longer fuzz run of the untrusted-input parsers, outside CI.
 
 Runs the hypothesis properties of tests/test_fuzz_properties.py (the safetensors header reader and the config
-parser) in rounds of fresh random examples until the time is up, and prints how many inputs each property saw
+parser) and tests/test_fuzz_surfaces.py (the advice, the tokenizer union's tokenizer.json reader, every method on
+degenerate tensors) in rounds of fresh random examples until the time is up, and prints how many inputs each property saw
 and every failure found (hypothesis shrinks it to a minimal example first).
 
     python scripts/fuzz.py --seconds 120 [--json result.json]
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import test_fuzz_properties as props
+    import test_fuzz_surfaces as surfaces
     from hypothesis import HealthCheck, Phase, settings
     from hypothesis.errors import InvalidArgument
 
@@ -41,10 +43,14 @@ def main(argv: list[str] | None = None) -> int:
             return fn(*a, **kw)
         return wrapped
 
-    # Every property funnels its input through one of these two checks: count the inputs there.
+    # Every property funnels its input through one of these checks: count the inputs there.
     props.check_header = counting(props.check_header, "safetensors header")
     props.check_config = counting(props.check_config, "config")
-    tests = {name: getattr(props, name) for name in dir(props) if name.startswith("test_")}
+    surfaces.check_advice = counting(surfaces.check_advice, "advice")
+    surfaces.check_tokenizer = counting(surfaces.check_tokenizer, "tokenizer.json")
+    surfaces.check_method = counting(surfaces.check_method, "method on degenerate tensors")
+    tests = {name: getattr(module, name) for module in (props, surfaces) for name in dir(module)
+             if name.startswith("test_")}
     per_test: dict[str, dict] = {name: {"rounds": 0, "failures": []} for name in tests}
     deadline = time.monotonic() + args.seconds
     started = time.monotonic()

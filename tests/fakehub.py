@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -44,6 +45,8 @@ class FakeHub:
         self.signature_generation = 0  # signed CDN URLs from older generations are refused (expired)
         self._drops: dict[tuple[str, str], int] = {}  # (repo, file) -> absolute byte offset to cut at
         self._failures: dict[tuple[str, str], list[int]] = {}
+        self._then_fail: dict[tuple[str, str], int] = {}
+        self.chunk_delay_s = 0.0  # seconds slept after each 64 KB of a body: a slow link, for crash tests
         self._lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
 
@@ -96,9 +99,11 @@ class FakeHub:
             self.bytes_served.clear()
             self.requests.clear()
 
-    def drop_once(self, repo_id: str, filename: str, at_offset: int) -> None:
-        """The next GET of this file whose body crosses byte ``at_offset`` sends bytes up to it, then hangs up."""
+    def drop_once(self, repo_id: str, filename: str, at_offset: int, then_fail: int = 0) -> None:
+        """The next GET of this file whose body crosses byte ``at_offset`` sends bytes up to it, then hangs up; the
+        ``then_fail`` requests after that get a 503 (the link stays down)."""
         self._drops[(repo_id, filename)] = at_offset
+        self._then_fail[(repo_id, filename)] = then_fail
 
     def fail_next(self, repo_id: str, filename: str, status: int = 503, times: int = 1) -> None:
         """The next ``times`` requests for this file are answered with ``status``."""
@@ -362,6 +367,8 @@ class _Handler(BaseHTTPRequestHandler):
             drop = self.hub._drops.get(key)
             if drop is not None and start < drop < end:
                 cut = self.hub._drops.pop(key)
+                if self.hub._then_fail.get(key):
+                    self.hub._failures[key] = [503] * self.hub._then_fail.pop(key)
         with open(path, "rb") as f:
             f.seek(start)
             pos = start
@@ -372,6 +379,8 @@ class _Handler(BaseHTTPRequestHandler):
                     self.hub.bytes_served[key] += len(chunk)
                 self.wfile.write(chunk)
                 pos += len(chunk)
+                if self.hub.chunk_delay_s:
+                    time.sleep(self.hub.chunk_delay_s)
         if cut is not None:  # hang up in the middle of the body, as a dropped connection would
             self.wfile.flush()
             self.close_connection = True

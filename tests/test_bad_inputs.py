@@ -209,6 +209,27 @@ def test_nan_weights_are_reported_and_refused_on_request(pair):
     assert refused.returncode == 0
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "task_arithmetic"])
+def test_nan_inputs_are_reported_even_when_the_method_drops_them(pair, method):
+    """TIES' election and trim (and DARE's, breadcrumbs') compare magnitudes and a NaN loses every comparison: a
+    fine-tune full of NaN is left out and the merged tensors are finite. The notes (CLI, model card) say so."""
+    cfg = llama_config(layers=1)
+    save_checkpoint(pair / "nan", {k: torch.full_like(v, float("nan")) for k, v in llama_tensors(cfg, 2).items()}, cfg)
+    params = "{weight: 1.0, density: 0.5}" if method != "task_arithmetic" else "{weight: 1.0}"
+    text = (f"merge_method: {method}\nbase_model: {pair / 'base'}\nmodels:\n  - model: {pair / 'ft'}\n"
+            f"    parameters: {params}\n  - model: {pair / 'nan'}\n    parameters: {params}\n")
+    (pair / "config.yml").write_text(text)
+    done = run_cli("merge", str(pair / "config.yml"), str(pair / "out"))
+    assert done.returncode == 0, done.stderr
+    if method == "task_arithmetic":  # a weighted sum carries the NaN into the output: said per merged tensor
+        assert "dropped" not in done.stdout and "lm_head.weight: 1024 NaN/Inf values in the merged tensor" in done.stdout
+        return
+    line = next(n for n in done.stdout.splitlines() if n.startswith(f"note: input {pair / 'nan'}: "))
+    dropped = f"{method} dropped them (the merged tensors are finite)"
+    assert "NaN/Inf values in 12 tensors" in line and dropped in line and "in the merged tensor" not in done.stdout
+    assert dropped in (pair / "out" / "README.md").read_text()
+
+
 def test_negative_weights_are_not_bad_input(pair):
     done = merge(pair, str(pair / "ft"), extra="    parameters: {weight: -1.0}\n")
     assert done.returncode == 0, done.stderr
@@ -235,3 +256,130 @@ def test_disk_full_leaves_no_partial_checkpoint(pair):
     done = subprocess.run([sys.executable, "-c", code, "merge", str(cfg), str(pair / "out")], capture_output=True,
                           text=True, env=env, timeout=120)
     assert_refused(done, "disk", out=pair / "out")
+
+
+def _evaluate_folder(tmp_path: Path, name: str, breaks) -> Path:
+    cfg = llama_config(layers=1)
+    folder = save_checkpoint(tmp_path / name, llama_tensors(cfg, 0), cfg)
+    (folder / "tokenizer.json").write_text(json.dumps({"version": "1.0", "added_tokens": [], "model": {
+        "type": "WordLevel", "vocab": {f"t{i}": i for i in range(64)}, "unk_token": "t0"}}))
+    breaks(folder)
+    return folder
+
+
+_CLAIM = json.dumps({"w": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 4 * 10**12]}}).encode()
+EVALUATE_CASES = {
+    "config_not_json": (lambda d: (d / "config.json").write_text("{nope"), "config.json: not valid JSON"),
+    "config_not_an_object": (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json: not a JSON object"),
+    "no_config": (lambda d: (d / "config.json").unlink(), "no config.json"),
+    "header_claims_4_tb": (lambda d: (d / "model.safetensors").write_bytes(struct.pack("<Q", len(_CLAIM)) + _CLAIM),
+                           "lie outside the file"),
+    "no_weights": (lambda d: (d / "model.safetensors").unlink(), "holds no .safetensors weights"),
+    "merge_config_not_yaml": (lambda d: (d / "merge_config.yml").write_text("models: [\n"), "not valid YAML"),
+    "emr_output": (lambda d: (d / "emr.json").write_text("{}"), "an EMR merge"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVALUATE_CASES))
+def test_evaluate_refuses_broken_merged_folders_with_one_line(tmp_path, case):
+    breaks, fragment = EVALUATE_CASES[case]
+    folder = _evaluate_folder(tmp_path, case, breaks)
+    out = tmp_path / "report.json"
+    done = run_cli("evaluate", str(folder), "--max-tokens", "50", "--json", str(out))
+    assert_refused(done, str(folder), fragment)
+    assert not out.exists()
+
+
+ADVICE_CASES = {  # the fine-tune (and base) the analysis and its advice are asked about
+    "zero_task_vectors": lambda base: (base, base),
+    "nan_fine_tune": lambda base: (base, {k: torch.full_like(v, float("nan")) for k, v in base.items()}),
+    "inf_fine_tune": lambda base: (base, {k: torch.full_like(v, float("inf")) for k, v in base.items()}),
+    "zero_base": lambda base: ({k: torch.zeros_like(v) for k, v in base.items()}, base),
+    "nan_base": lambda base: ({k: torch.full_like(v, float("nan")) for k, v in base.items()}, base),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADVICE_CASES))
+def test_analysis_and_advice_of_degenerate_models(tmp_path, case):
+    """Identical, NaN, Inf or zero weights: the analysis and its findings finish without a warning or a traceback,
+    non-finite inputs are named in the findings, and the recommended config is a valid config."""
+    from merging.advice import advise, recommended_yaml
+    from merging.analysis import analyze
+    from merging.config import parse_config
+
+    cfg = llama_config(layers=1)
+    base, tuned = ADVICE_CASES[case](llama_tensors(cfg, 0))
+    save_checkpoint(tmp_path / "base", base, cfg)
+    save_checkpoint(tmp_path / "ft", tuned, cfg)
+    save_checkpoint(tmp_path / "ft2", fine_tune(llama_tensors(cfg, 0), 3), cfg)
+    text = (f"merge_method: ties\nbase_model: {tmp_path / 'base'}\nmodels:\n  - model: {tmp_path / 'ft'}\n"
+            f"    parameters: {{weight: 1.0, density: 0.5}}\n  - model: {tmp_path / 'ft2'}\n"
+            "    parameters: {weight: 1.0, density: 0.5}\n")
+    (tmp_path / "config.yml").write_text(text)
+    done = run_cli("analyze", str(tmp_path / "config.yml"), "--advice")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert "recommendation:" in done.stdout
+    advice = advise(analyze(parse_config(text)))
+    assert 3 <= len(advice["findings"]) <= 8
+    parse_config(recommended_yaml(advice))
+    if "nan" in case or "inf" in case:
+        assert any("NaN/Inf values" in f["text"] and f["level"] == "warn" for f in advice["findings"])
+
+
+def _word_level(vocab, added=()) -> str:
+    return json.dumps({"version": "1.0", "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"},
+                       "added_tokens": list(added)})
+
+
+TOKENIZER_CASES = {  # (what breaks the fine-tune's tokenizer.json or the config, the line's fragment)
+    "base_without_tokenizer": (lambda d: (d / "base" / "tokenizer.json").unlink(), "", "needs the base's tokenizer.json"),
+    "not_json": (lambda d: (d / "ft" / "tokenizer.json").write_text("{"), "", "tokenizer.json is not valid JSON"),
+    "vocab_of_numbers": (lambda d: (d / "ft" / "tokenizer.json").write_text(_word_level([1, 2])), "", "not a [piece, score] pair"),
+    "negative_id": (lambda d: (d / "ft" / "tokenizer.json").write_text(_word_level({"a": -5})), "", "is '-5', not a token id"),
+    "huge_id": (lambda d: (d / "ft" / "tokenizer.json").write_text(_word_level({"a": 10**12})), "", "not a token id"),
+    "id_not_an_integer": (lambda d: (d / "ft" / "tokenizer.json").write_text(_word_level({"a": "7"})), "", "not a token id"),
+    "added_token_not_an_object": (lambda d: (d / "ft" / "tokenizer.json").write_text(_word_level({"a": 1}, [5])), "", "added_tokens[0] is not an object"),
+    "added_token_without_id": (lambda d: (d / "ft" / "tokenizer.json").write_text(_word_level({"a": 1}, [{"content": "b"}])), "", "added_tokens[0].id is 'None'"),
+    "token_from_an_unknown_model": (lambda d: None, "tokenizer:\n  source: union\n  tokens:\n    t70:\n      source: nowhere/model\n", "is not one of the merged models"),
+    "token_source_not_a_string": (lambda d: None, "tokenizer:\n  source: union\n  tokens:\n    t1:\n      source: {kind: zero_embedding}\n", "tokenizer.tokens.t1.source"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOKENIZER_CASES))
+def test_tokenizer_union_refuses_broken_tokenizers_with_one_line(tmp_path, case):
+    from test_stopping import tokenizer_json
+
+    breaks, extra, fragment = TOKENIZER_CASES[case]
+    for name, vocab, seed in (("base", 64, 0), ("ft", 66, 1)):
+        cfg = llama_config(layers=1, vocab=vocab)
+        tokenizer_json(save_checkpoint(tmp_path / name, llama_tensors(cfg, seed), cfg), [f"t{i}" for i in range(vocab)])
+    breaks(tmp_path)
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
+                   f"  - model: {tmp_path / 'ft'}\n    parameters: {{weight: 1.0}}\n" + (extra or "tokenizer_source: union\n"))
+    assert_refused(run_cli("merge", str(cfg), str(tmp_path / "out")), fragment, out=tmp_path / "out")
+
+
+def test_an_analysis_too_big_for_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    """Header-claimed 16 GB inputs (sparse files: nothing on disk) made /analyze attempt 32 GB allocations; now the
+    merge's memory pre-flight runs first and refuses with the figures (MERGESCOPE_MEMORY_LIMIT plays the machine)."""
+    for name in ("base", "ft"):
+        (tmp_path / name).mkdir()
+        header = json.dumps({"w": {"dtype": "F32", "shape": [65536, 65536], "data_offsets": [0, 4 * 65536**2]}}).encode()
+        with open(tmp_path / name / "model.safetensors", "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header)
+            f.truncate(8 + len(header) + 4 * 65536**2)
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(f"merge_method: ties\nbase_model: {tmp_path / 'base'}\nmodels:\n  - model: {tmp_path / 'ft'}\n"
+                   "    parameters: {weight: 1.0, density: 0.5}\n")
+    monkeypatch.setenv("MERGESCOPE_MEMORY_LIMIT", "8GB")
+    assert_refused(run_cli("analyze", str(cfg)), "not enough memory: this analysis (peak at w) needs about",
+                   "only 8.00 GB is available ($MERGESCOPE_MEMORY_LIMIT)")
+
+
+def test_one_model_listed_a_thousand_times_is_refused_in_one_line(pair):
+    entry = "  - {model: ft, parameters: {weight: 1.0}}\n"  # refused at validation: nothing is opened
+    cfg = pair / "config.yml"
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {pair / 'base'}\nmodels:\n" + entry * 1000)
+    # the demo model listed 10 000 times grew /analyze to 13.6 GB; any list past the ceiling is refused at validation
+    assert_refused(run_cli("analyze", str(cfg)), "`models` has 1000 entries; at most 64 inputs are merged at once")

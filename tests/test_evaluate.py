@@ -297,6 +297,22 @@ def test_cancel_stops_within_a_window_and_the_panel_reports_it(llama, tmp_path):
         check_in_session(llama[1], session, AppSettings())  # not this session's folder
 
 
+def test_a_check_past_its_budget_or_cancelled_writes_nothing_and_the_next_run_recovers(llama, tmp_path, capsys):
+    """--time-budget stops the check as a cancel does (one line, exit 2, no --json file), and so does a cancel in
+    the middle of a model; the next run, with time enough, writes its report."""
+    out = tmp_path / "report.json"
+    args = ["evaluate", str(llama[1]), "--max-tokens", "300", "--new-tokens", "2", "--json", str(out)]
+    assert main([*args, "--time-budget", "0.000001"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the check stopped after its time budget of 1e-06 s") and err.count("\n") == 1, err
+    assert not out.exists()
+    seen = []
+    with pytest.raises(Cancelled):
+        evaluate(llama[1], max_tokens=300, new_tokens=2, progress=lambda f, text: seen.append(text),
+                 cancel=lambda: any("loading" in t for t in seen[1:]))  # after the first model, mid-check
+    assert main([*args, "--time-budget", "600"]) == 0 and json.loads(out.read_text())["verdict"]["status"]
+
+
 def test_bad_input_is_one_line(llama, tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants
 

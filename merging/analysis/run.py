@@ -10,12 +10,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..budget import with_budget
 from ..config import MergeConfig
 from ..engine import pick_device
 from ..errors import ConfigError
 from ..memory import reuse_freed_memory
 from ..methods.registry import TensorContext
+from ..nonfinite import NonFinite
 from ..plan import MergePlan, TensorTask, build_plan
+from ..resources import check_memory
 from ..safetensors_io import DTYPES
 from ..sources import CheckpointSource, open_sources
 from .figures import StatsContext, figures, finite_list, model_labels
@@ -60,16 +63,19 @@ class Request:
 def analyze(config: MergeConfig, *, exact: bool = False, sample: float | None = None, seed: int = 0,
             device: str = "cpu", progress: Callable | None = None, cancel: Callable[[], bool] | None = None,
             resolver=None, allow_pickle: bool = False, sample_threshold_bytes: int = SAMPLE_THRESHOLD_BYTES,
-            whole_tensor_bytes: int = WHOLE_TENSOR_BYTES) -> dict[str, Any]:
+            whole_tensor_bytes: int = WHOLE_TENSOR_BYTES, time_budget: float | None = None) -> dict[str, Any]:
     """The diagnostics of ``config`` as a JSON-ready dict (schema: ``JSON_SCHEMA_DOC``).
 
     ``exact`` forces a full pass; ``sample`` (0 < fraction ≤ 1) samples that fraction of rows; neither: exact up to
-    ``sample_threshold_bytes`` of input, sampled at ``DEFAULT_SAMPLE_FRACTION`` above.
+    ``sample_threshold_bytes`` of input, sampled at ``DEFAULT_SAMPLE_FRACTION`` above. Refused up front when its
+    peak memory cannot fit (as a merge's pre-flight, ``merging.resources``); past ``time_budget`` seconds
+    (``merging.budget``) it stops as a cancel does.
     """
     if exact and sample is not None:
         raise ConfigError("analysis: choose either an exact pass or a sample fraction, not both")
     if sample is not None and not 0 < sample <= 1:
         raise ConfigError(f"analysis: the sample fraction must be in (0, 1], got {sample}")
+    cancel = with_budget(cancel, time_budget, "the analysis")
     request = Request(exact, sample, seed, device, progress, cancel, sample_threshold_bytes, whole_tensor_bytes)
     started = time.monotonic()
     reuse_freed_memory()  # as a merge does: keep freed chunk buffers instead of re-mapping them every tensor
@@ -86,6 +92,7 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], request:
     plan = build_plan(config, sources)
     plan.require_compatible()
     tasks, notes = _analyzed_tasks(plan)
+    check_memory(plan, sources, "this analysis")
     bytes_total = sum(sources[r.model].specs()[r.name].nbytes for t in tasks for r in [t.base, *t.inputs])
     fraction = request.fraction(bytes_total)
     rows = sampled_rows(tasks, sources, fraction, request.seed, request.whole_tensor_bytes)
@@ -94,14 +101,18 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], request:
     read_before = _bytes_read(sources)
     passes = 2 if _needs_reduction(executor) else 1
     reduced = _reduction(executor, tasks) if passes == 2 else None
-    per_tensor, several_outputs = _sum_tensors(executor, tasks, reduced)
+    nonfinite = NonFinite(False, plan.method.name)
+    nonfinite.count_inputs = True  # a statistic over a NaN input is NaN or silently short: always say so
+    per_tensor, several_outputs = _sum_tensors(executor, tasks, reduced, nonfinite)
+    notes[:0] = [f"{n}: the statistics of that model are not meaningful there" for n in nonfinite.notes()]
     bytes_read = _bytes_read(sources) - read_before
     if several_outputs:
         notes.append(f"{plan.method.name} writes several tensors per input tensor: no merged-distance statistics")
     whole = TensorSums.add([s for _, s in per_tensor])
     sampled = fraction < 1
-    ctx = _stats_context(plan, tasks, whole, sampled)
-    stats = figures(per_tensor, whole, ctx)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # NaN/Inf inputs: said in the notes
+        ctx = _stats_context(plan, tasks, whole, sampled)
+        stats = figures(per_tensor, whole, ctx)
     meta = {
         "mode": "sampled" if sampled else "exact",
         "sample_fraction": fraction if sampled else None,
@@ -161,8 +172,8 @@ def _reduction(executor: AnalysisExecutor, tasks: list[TensorTask]) -> torch.Ten
     return total
 
 
-def _sum_tensors(executor: AnalysisExecutor, tasks: list[TensorTask],
-                 reduced: torch.Tensor | None) -> tuple[list[tuple[TensorTask, TensorSums]], bool]:
+def _sum_tensors(executor: AnalysisExecutor, tasks: list[TensorTask], reduced: torch.Tensor | None,
+                 nonfinite: NonFinite) -> tuple[list[tuple[TensorTask, TensorSums]], bool]:
     """Every tensor's sums, unit by unit as the engine streams them, band by band like a merge (whole-tensor
     quantities, the trim's and the method's top-k cuts, come from the statistics passes first, so a banded tensor
     is never held whole); and whether the method wrote several tensors per input (then no merged distance)."""
@@ -177,6 +188,7 @@ def _sum_tensors(executor: AnalysisExecutor, tasks: list[TensorTask],
             stats = executor.tensor_stats(task, reduced, first=first) if method.stats else None
             densities = trim_densities(method, task.params, len(inputs))
             cuts = tensor_cuts(executor, task, reduced, densities, stats, first)
+        nonfinite.check_inputs(task, base, inputs)
         ctx = executor.context(task, band, reduced, stats)
         sums, several = _unit_sums(executor, task, band, base, inputs, ctx, Trim(cuts, ctx))
         several_outputs |= several

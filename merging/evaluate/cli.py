@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .. import budget
 from ..errors import MergeError
 
 
@@ -48,7 +49,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         report = evaluate(args.merged, args.compare, text=args.text, prompts=args.prompts,
                           max_tokens=args.max_tokens, new_tokens=args.new_tokens, window=args.window,
-                          stride=args.stride, device=args.device, dtype=args.dtype, progress=show)
+                          stride=args.stride, device=args.device, dtype=args.dtype, progress=show,
+                          time_budget=args.time_budget)
     finally:
         close()
     print(format_report(report))
@@ -81,5 +83,6 @@ def add_commands(subparsers) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="evaluation dtype (default: float32 on the CPU, the stored dtype on CUDA)")
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON")
+    budget.add_flag(p)
     p.add_argument("--strict", action="store_true", help="exit with 3 when the verdict is BROKEN")
     p.set_defaults(func=cmd_evaluate)

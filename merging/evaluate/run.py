@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..budget import with_budget
 from ..errors import SourceError
 from . import inputs as inp
 from .inputs import Candidate
@@ -26,10 +27,11 @@ def evaluate(merged: str | Path, compare: list[str] | None = None, *, text: str 
              prompts: str | Path | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
              new_tokens: int = DEFAULT_NEW_TOKENS, window: int | None = None, stride: int | None = None,
              device: str = "auto", dtype: str = "auto", hub_cache: bool = True, progress: Callable | None = None,
-             cancel: Callable[[], bool] | None = None, config_file: str | Path | None = None) -> dict:
+             cancel: Callable[[], bool] | None = None, time_budget: float | None = None,
+             config_file: str | Path | None = None) -> dict:
     """Check the merged folder ``merged`` against ``compare`` (default: the inputs its merge_config.yml, or
-    ``config_file``, names)."""
-    started = time.monotonic()
+    ``config_file``, names); past ``time_budget`` seconds (``merging.budget``) it stops as a cancel does."""
+    started, cancel = time.monotonic(), with_budget(cancel, time_budget, "the check")
     if max_tokens < 2:
         raise SourceError(f"--max-tokens {max_tokens}: at least 2 tokens are needed")
     merged_c = inp.merged_candidate(merged)
