@@ -38,7 +38,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 
 
 def dtype_size(dtype: str) -> int:
-    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return DTYPES[dtype].itemsize
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ it on the server side:
 - body bytes leave in chunks, each at the time both the connection and the shared link have room for it: each
   keeps a clock of when it is next free (a chunk of n bytes occupies the link for n / total and the connection for
   n / per_connection), so many connections share the total fairly and none exceeds its own cap. An idle link
-  earns no credit beyond ``SLACK_S`` (sleep overshoot), so bursts stay at the shaped rate.
+  earns no credit (only a sleep's overshoot of up to ``SLACK_S`` is caught up), so bursts stay at the shaped rate.
 
 The server counts connections and requests, which is how tests check that a client reuses its connections.
 """
@@ -79,6 +79,12 @@ def _rate(value: str) -> float:
     return float(m[1]) * 1000 ** " KMG".index((m[2] or " ").upper())
 
 
+def _resume(free_at: float, now: float) -> float:
+    """When the next chunk may start on a clock free at ``free_at``: then, if that is at most ``SLACK_S`` ago (a
+    sleep that overshot is caught up), else now (an idle clock earns no credit)."""
+    return free_at if free_at >= now - SLACK_S else now
+
+
 class Connection:
     """One connection's clock: when it has room for its next chunk."""
 
@@ -127,11 +133,11 @@ class Link:
         if not total and not per:
             return
         now = time.monotonic()
-        start = max(conn.free_at, now - SLACK_S)
+        start = _resume(conn.free_at, now)
         done = start
         if total:
             with self._lock:
-                start = max(start, self._free_at)
+                start = max(start, _resume(self._free_at, now))
                 self._free_at = start + n / total
             done = start + n / total
         if per:
