@@ -1,4 +1,4 @@
-"""``python -m merging bench``: our engine against mergekit on the same synthetic llama checkpoints.
+"""``python -m merging bench``: our engine against mergekit on the same synthetic llama checkpoints (local disk).
 
 Writes a base and N fine-tunes (base + small noise) of a llama-shaped model, then runs the same YAML through
 ``python -m merging merge`` and, when installed, ``mergekit-yaml``, each in its own process, several times; prints
@@ -8,26 +8,24 @@ agree. The floor printed first is the time to read every input once from the pag
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import MergeError
-from .safetensors_io import DTYPE_NAMES, read_local_header, tensor_from_bytes
-from .sources.base import TensorSpec
-from .synthetic import llama_config, llama_shapes
-from .writer import ShardedWriter
+from ..errors import MergeError
+from ..safetensors_io import DTYPE_NAMES, read_local_header, tensor_from_bytes
+from ..sources.base import TensorSpec
+from ..synthetic import llama_config, llama_shapes
+from ..writer import ShardedWriter
 
-DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_ties", "emr")
 METHOD_PARAMS = {
     "linear": {},
     "task_arithmetic": {"lambda": 0.5},
@@ -124,16 +122,31 @@ print(json.dumps({"wall": time.perf_counter() - start, "maxrss": usage.ru_maxrss
 """
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, str]:
-    """Wall seconds, peak resident bytes, return code and stderr tail of one command."""
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, str, str]:
+    """Wall seconds, peak resident bytes, return code, stderr tail and stdout of one command."""
     full = [shutil.which(cmd[0]) or cmd[0], *cmd[1:]]
     done = subprocess.run([sys.executable, "-c", _LAUNCHER, json.dumps(full)], capture_output=True, text=True,
                           env=env)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        return 0.0, 0, done.returncode or 1, done.stderr[-400:]
+        return 0.0, 0, done.returncode or 1, done.stderr[-400:], ""
     result = json.loads(lines[-1])
-    return result["wall"], result["maxrss"], result["rc"], done.stderr[-400:]
+    return result["wall"], result["maxrss"], result["rc"], done.stderr[-400:], "\n".join(lines[:-1])
+
+
+def reported_seconds(stdout: str, pattern: str) -> float | None:
+    """The seconds a command reports of itself (``merged ... in 3.1 s``: without the interpreter's start), or None."""
+    m = re.search(pattern, stdout)
+    return float(m[1]) if m else None
+
+
+def checked(who: str, what: str, measured: tuple) -> tuple:
+    """``measured`` (from ``run_measured``), or the one line saying how the command failed."""
+    rc, err = measured[2], measured[3]
+    if rc != 0:
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        raise MergeError(f"bench: {who} failed on {what} (exit {rc}): {last}")
+    return measured
 
 
 def compare_outputs(ours: Path, theirs: Path) -> str:
@@ -185,7 +198,7 @@ def bench(shape: Shape, methods: list[str], repeat: int, workdir: Path, use_merg
     base, tunes = write_models(workdir / "models", shape)
     floor = read_floor([base, *tunes])
     mergekit = shutil.which("mergekit-yaml") if use_mergekit else None
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "HF_HUB_OFFLINE": "1"}
     rows = []
     for method in methods:
         params = METHOD_PARAMS.get(method, {})
@@ -211,10 +224,7 @@ def bench(shape: Shape, methods: list[str], repeat: int, workdir: Path, use_merg
                            "--out-shard-size", "5B"]
                     if device == "cuda":
                         cmd.append("--cuda")
-                wall, peak, rc, err = run_measured(cmd, env)
-                if rc != 0:
-                    last = err.strip().splitlines()[-1] if err.strip() else ""
-                    raise MergeError(f"bench: {who} failed on {method} (exit {rc}): {last}")
+                wall, peak, *_ = checked(who, method, run_measured(cmd, env))
                 times.append(wall)
                 peaks.append(peak)
             row[f"{who}_s"] = min(times)
@@ -249,37 +259,3 @@ def format_table(report: dict) -> str:
                      f"{(r['mergekit_peak_bytes'] / 1e9) if 'mergekit_peak_bytes' in r else float('nan'):.2f} | "
                      f"{fmt('memory_ratio', '{:.3f}')} | {r.get('outputs_agree', '–')} |")
     return "\n".join(lines)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    shape = Shape(args.hidden, args.intermediate, args.layers, args.vocab, args.models, args.dtype)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    from .methods import REGISTRY
-
-    unknown = [m for m in methods if m not in REGISTRY]
-    if unknown:
-        raise MergeError(f"--methods: unknown method(s) {', '.join(unknown)}")
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir()) / "mergescope-bench"
-    workdir.mkdir(parents=True, exist_ok=True)
-    report = bench(shape, methods, args.repeat, workdir, not args.no_mergekit, args.device)
-    print(format_table(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("bench", help="time our merges against mergekit on synthetic llama checkpoints")
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=5632)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--models", type=int, default=3, help="fine-tunes besides the base")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
-    p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--workdir", default=None, help="where checkpoints and outputs go (reused between runs)")
-    p.add_argument("--no-mergekit", action="store_true", help="time only our engine")
-    p.add_argument("--json", default=None, help="also write the figures as JSON")
-    p.set_defaults(func=cmd_bench)
