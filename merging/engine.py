@@ -316,7 +316,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
         # refuse up front rather than die of OOM or a full disk
         check_resources(plan, out_dir, sources, uses_kernels(plan.method, dev.type))
         executor = Executor(plan, sources, dev, progress, cancel)
-        with OutputFolder(out_dir, overwrite) as tmp:
+        with native.own_cores(uses_kernels(plan.method, dev.type)), OutputFolder(out_dir, overwrite) as tmp:
             after_merge = plan.method.reduce_after_merge and executor.wants_reduction()
             reduced = None if after_merge else executor.reduction()
             outputs = _planned_outputs(plan)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import native
 from ..config import MergeConfig
 from ..engine import pick_device
 from ..errors import ConfigError
@@ -93,8 +94,11 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], request:
                                 sampled_rows=rows)
     read_before = _bytes_read(sources)
     passes = 2 if _needs_reduction(executor) else 1
-    reduced = _reduction(executor, tasks) if passes == 2 else None
-    per_tensor, several_outputs = _sum_tensors(executor, tasks, reduced)
+    # the method's merge and the sums in the fused kernels: torch's own ops on one thread (native.own_cores)
+    fused = executor.device.type == "cpu" and plan.method.native is not None and plan.method.unified is None
+    with native.own_cores(fused and native.library() is not None):
+        reduced = _reduction(executor, tasks) if passes == 2 else None
+        per_tensor, several_outputs = _sum_tensors(executor, tasks, reduced)
     bytes_read = _bytes_read(sources) - read_before
     if several_outputs:
         notes.append(f"{plan.method.name} writes several tensors per input tensor: no merged-distance statistics")
