@@ -19,7 +19,7 @@ import torch
 
 from . import native
 from .bands import HOLD_BYTES, Band, is_elementwise, row_bands
-from .config import MergeConfig
+from .config import SAFETENSORS_DTYPE, MergeConfig
 from .errors import Cancelled, MergeError
 from .memory import RetainedMemory, reuse_freed_memory
 from .methods.registry import REDUCED, TensorContext
@@ -29,7 +29,7 @@ from .resources import check_resources, uses_kernels
 from .safetensors_io import DTYPES
 from .sources import CheckpointSource, open_sources
 from .sources.base import TensorSpec
-from .writer import OutputFolder, ShardedWriter, parse_size, write_side_files
+from .writer import NON_MODEL_STEM, OutputFolder, ShardedWriter, parse_size, write_side_files
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,8 @@ class Executor(UnitReads):
         self.progress = progress
         self.cancel = cancel or (lambda: False)
         self.memory = RetainedMemory()
+        name = plan.config.dtype
+        self._load_dtype = DTYPES[SAFETENSORS_DTYPE[name]] if name else None
 
     def bands(self, task: TensorTask, elementwise: bool) -> list[Band]:
         return row_bands(task, elementwise)
@@ -195,6 +197,17 @@ class Executor(UnitReads):
         """
         elementwise = self.is_elementwise()
         return [(task, band) for task in tasks for band in self.bands(task, elementwise)]
+
+    def read_input(self, task: TensorTask, ref, band: Band) -> torch.Tensor:
+        return self.as_loaded(super().read_input(task, ref, band))
+
+    def as_loaded(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A float input in the config's ``dtype``, as mergekit loads every input before merging (so a float32
+        checkpoint merged with ``dtype: bfloat16`` is rounded to bfloat16 first, then merged in float32)."""
+        dtype = self._load_dtype
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            return tensor.to(dtype)
+        return tensor
 
     def to_compute(self, tensor: torch.Tensor, rows: int | None) -> torch.Tensor:
         if rows is not None:
@@ -321,7 +334,8 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
             reduced = None if after_merge else executor.reduction()
             outputs = _planned_outputs(plan)
             planned = dict(outputs)
-            writer = ShardedWriter(tmp, outputs, shard_bytes)
+            writer = ShardedWriter(tmp, outputs, shard_bytes,
+                                   stem="model" if plan.method.model_output else NON_MODEL_STEM)
             stats = totals = None
             nonfinite: dict[str, int] = {}
             try:
