@@ -3,7 +3,9 @@
 Writes a base and N fine-tunes (base + small noise) of a llama-shaped model, then runs the same YAML through
 ``python -m merging merge`` and, when installed, ``mergekit-yaml``, each in its own process, several times; prints
 per method the best wall time of each, the ratio, each process's peak resident memory, and whether the outputs
-agree. The floor printed first is the time to read every input once from the page cache.
+agree; then our exact analysis of the same config (``python -m merging analyze --exact``) against our merge: the
+seconds each reports of itself (without the interpreter's start-up) and their peak memory. The floor printed first
+is the time to read every input once from the page cache.
 """
 
 from __future__ import annotations
@@ -213,7 +215,7 @@ def bench(shape: Shape, methods: list[str], repeat: int, workdir: Path, use_merg
             if who == "mergekit" and (not mergekit or method in OURS_ONLY):
                 continue
             out = workdir / f"out_{who}_{method}"
-            times, peaks = [], []
+            times, peaks, inner = [], [], []
             for _ in range(repeat):
                 shutil.rmtree(out, ignore_errors=True)
                 os.sync()  # the last run's output is written back now, not during this run's timing
@@ -224,11 +226,17 @@ def bench(shape: Shape, methods: list[str], repeat: int, workdir: Path, use_merg
                            "--out-shard-size", "5B"]
                     if device == "cuda":
                         cmd.append("--cuda")
-                wall, peak, *_ = checked(who, method, run_measured(cmd, env))
+                wall, peak, _, _, stdout = checked(who, method, run_measured(cmd, env))
                 times.append(wall)
                 peaks.append(peak)
+                inner.append(reported_seconds(stdout, r" in ([0-9.]+) s on ") or wall)
             row[f"{who}_s"] = min(times)
             row[f"{who}_peak_bytes"] = max(peaks)
+            if who == "ours":
+                row["ours_merge_s"] = min(inner)
+        row.update(_analysis_row(cfg, method, repeat, env))
+        row["analysis_ratio"] = row["analysis_s"] / row["ours_merge_s"]
+        row["analysis_memory_ratio"] = row["analysis_peak_bytes"] / row["ours_peak_bytes"]
         if "mergekit_s" in row:
             row["time_ratio"] = row["ours_s"] / row["mergekit_s"]
             row["memory_ratio"] = row["ours_peak_bytes"] / row["mergekit_peak_bytes"]
@@ -240,6 +248,17 @@ def bench(shape: Shape, methods: list[str], repeat: int, workdir: Path, use_merg
     return {"shape": asdict(shape), "parameters_per_model": shape.parameters(), "input_bytes": input_bytes,
             "read_floor_s": floor, "cpu_count": os.cpu_count(), "torch": torch.__version__, "device": device,
             "results": rows}
+
+
+def _analysis_row(cfg: Path, method: str, repeat: int, env: dict) -> dict:
+    """Our exact analysis of the config: best seconds it reports of itself, and its peak resident memory."""
+    seconds, peaks = [], []
+    for _ in range(repeat):
+        cmd = [sys.executable, "-m", "merging", "analyze", str(cfg), "--exact"]
+        _, peak, _, _, stdout = checked("analysis", method, run_measured(cmd, env))
+        seconds.append(reported_seconds(stdout, r" in ([0-9.]+) s, read ") or float("nan"))
+        peaks.append(peak)
+    return {"analysis_s": min(seconds), "analysis_peak_bytes": max(peaks)}
 
 
 def format_table(report: dict) -> str:
@@ -258,4 +277,11 @@ def format_table(report: dict) -> str:
                      f"{r['ours_peak_bytes'] / 1e9:.2f} | "
                      f"{(r['mergekit_peak_bytes'] / 1e9) if 'mergekit_peak_bytes' in r else float('nan'):.2f} | "
                      f"{fmt('memory_ratio', '{:.3f}')} | {r.get('outputs_agree', '–')} |")
+    lines += ["", "our exact analysis (`analyze --exact`) against our merge of the same config, each without "
+              "start-up:",
+              "| method | merge (s) | exact analysis (s) | analysis / merge | analysis peak RSS (GB) "
+              "| memory ratio |", "|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['method']} | {r['ours_merge_s']:.2f} | {r['analysis_s']:.2f} | {r['analysis_ratio']:.2f} "
+                     f"| {r['analysis_peak_bytes'] / 1e9:.2f} | {r['analysis_memory_ratio']:.2f} |")
     return "\n".join(lines)
