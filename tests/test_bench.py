@@ -57,3 +57,38 @@ def test_the_command_line_parses_without_loading_torch(argv):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_merge_imports_only_what_it_needs(tmp_path):
+    """A local merge loads the engine and torch, but not the other commands' modules (analysis, zoo, evaluation,
+    bench, EMR), the Hub's pre-flight, push and search, nor huggingface_hub: start-up is most of a small merge."""
+    from merging.bench.local import Shape, write_models
+
+    base, tunes = write_models(tmp_path / "models", Shape(64, 128, 1, 512, 2))
+    cfg = tmp_path / "ta.yml"
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                   + "".join(f"  - model: {t}\n" for t in tunes) + "dtype: bfloat16\n")
+    unwanted = ("merging.analysis", "merging.analysis_cli", "merging.zoo", "merging.evaluate", "merging.bench",
+                "merging.emr_cli", "merging.methods_cli", "merging.hub.preflight", "merging.hub.push",
+                "merging.hub.search", "merging.sources.hub", "huggingface_hub", "plotly", "transformers")
+    code = ("import sys\nfrom merging.__main__ import main\n"
+            f"assert main(['merge', {str(cfg)!r}, {str(tmp_path / 'out')!r}]) == 0\n"
+            f"print(sorted(m for m in {unwanted!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_bench_prints_the_analysis_against_the_merge(tmp_path, capsys):
+    report = tmp_path / "local.json"
+    code = main(["bench", "--hidden", "64", "--intermediate", "128", "--layers", "1", "--vocab", "512", "--models",
+                 "2", "--methods", "ties", "--repeat", "1", "--no-mergekit", "--workdir", str(tmp_path / "work"),
+                 "--json", str(report)])
+    out = capsys.readouterr().out
+    print(out)
+    assert code == 0
+    assert "| method | merge (s) | exact analysis (s) | analysis / merge |" in out
+    (row,) = json.loads(report.read_text())["results"]
+    assert row["analysis_s"] > 0 and row["ours_merge_s"] >= 0
+    assert row["analysis_peak_bytes"] > 0 and "mergekit_s" not in row

@@ -235,7 +235,7 @@ def bench(shape: Shape, methods: list[str], repeat: int, workdir: Path, use_merg
             if who == "ours":
                 row["ours_merge_s"] = min(inner)
         row.update(_analysis_row(cfg, method, repeat, env))
-        row["analysis_ratio"] = row["analysis_s"] / row["ours_merge_s"]
+        row["analysis_ratio"] = row["analysis_s"] / row["ours_merge_s"] if row["ours_merge_s"] else float("nan")
         row["analysis_memory_ratio"] = row["analysis_peak_bytes"] / row["ours_peak_bytes"]
         if "mergekit_s" in row:
             row["time_ratio"] = row["ours_s"] / row["mergekit_s"]
