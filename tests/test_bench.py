@@ -61,7 +61,7 @@ def test_the_command_line_parses_without_loading_torch(argv):
 
 def test_a_merge_imports_only_what_it_needs(tmp_path):
     """A local merge loads the engine and torch, but not the other commands' modules (analysis, zoo, evaluation,
-    bench, EMR), the Hub's pre-flight, push and search, nor huggingface_hub: start-up is most of a small merge."""
+    bench, EMR), the Hub's push and search, nor huggingface_hub: start-up is most of a small merge."""
     from merging.bench.local import Shape, write_models
 
     base, tunes = write_models(tmp_path / "models", Shape(64, 128, 1, 512, 2))
@@ -69,7 +69,7 @@ def test_a_merge_imports_only_what_it_needs(tmp_path):
     cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
                    + "".join(f"  - model: {t}\n" for t in tunes) + "dtype: bfloat16\n")
     unwanted = ("merging.analysis", "merging.analysis_cli", "merging.zoo", "merging.evaluate", "merging.bench",
-                "merging.emr_cli", "merging.methods_cli", "merging.hub.preflight", "merging.hub.push",
+                "merging.emr_cli", "merging.methods_cli", "merging.hub.push",
                 "merging.hub.search", "merging.sources.hub", "huggingface_hub", "plotly", "transformers")
     code = ("import sys\nfrom merging.__main__ import main\n"
             f"assert main(['merge', {str(cfg)!r}, {str(tmp_path / 'out')!r}]) == 0\n"

@@ -19,20 +19,22 @@
 
 import importlib
 
-# Loaded on first use: a local merge asks for ``hub_resolver`` only, and never pays for the pre-flight, push or
-# search modules (nor huggingface_hub, which only the Hub paths import).
-_EXPORTS = {
-    "ModelSummary": "preflight", "Preflight": "preflight", "preflight": "preflight",
-    "hub_model_card": "push", "push_merge": "push",
-    "DEFAULT_ENDPOINT_ENV": "refs", "HubRef": "refs", "parse_ref": "refs", "resolve_endpoint": "refs",
-    "resolve_token": "refs", "scrub": "refs",
-    "hub_resolver": "resolver",
-    "HubModel": "search", "fine_tunes_of": "search", "search_models": "search",
-}
-__all__ = sorted(_EXPORTS)
+# ``preflight`` is both a function and its module's name: bound here, so that importing the module never leaves the
+# module where the function is expected. Push and search load on first use (a local merge needs neither).
+from .preflight import ModelSummary, Preflight, preflight
+from .refs import DEFAULT_ENDPOINT_ENV, HubRef, parse_ref, resolve_endpoint, resolve_token, scrub
+from .resolver import hub_resolver
+
+_LAZY = {"hub_model_card": "push", "push_merge": "push", "HubModel": "search", "fine_tunes_of": "search",
+         "search_models": "search"}
+__all__ = ["DEFAULT_ENDPOINT_ENV", "HubModel", "HubRef", "ModelSummary", "Preflight", "fine_tunes_of",
+           "hub_model_card", "hub_resolver", "parse_ref", "preflight", "push_merge", "resolve_endpoint",
+           "resolve_token", "scrub", "search_models"]
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
+    if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
