@@ -5,10 +5,14 @@ This file only assembles the panels of ``components/`` and launches; every handl
     python app.py [--host 0.0.0.0] [--port 7860] [--share]
     env: MERGESCOPE_HOST, MERGESCOPE_PORT (or GRADIO_SERVER_NAME / GRADIO_SERVER_PORT), MERGESCOPE_SHARE=1,
          MERGESCOPE_MERGE_CONCURRENCY (merges at once, default 1), MERGESCOPE_MAX_UPLOAD (default 200MB),
-         MERGESCOPE_ALLOW_LOCAL_PATHS (default: on on 127.0.0.1; off on a Space, on another --host or --share)
+         MERGESCOPE_ALLOW_LOCAL_PATHS (default: on on 127.0.0.1; off on a Space, on another --host or --share),
+         MERGESCOPE_SESSION_QUOTA (uploads + outputs per session, default 20GB; 0: none),
+         MERGESCOPE_API_IDLE (seconds before an idle API client's folder is removed, default 900),
+         MERGESCOPE_USE_SPACE_TOKEN=1 (on a Space, let visitors use the owner's token; off by default)
 """
 
 import argparse
+import dataclasses
 import logging
 import os
 import threading
@@ -17,8 +21,8 @@ from pathlib import Path
 import gradio as gr
 
 from components import analysis_panel, api, eval_panel, learn_panel, merge_panel, method_form, model_picker, preflight
-from components.common import AppSettings, drop_space_owner_token
-from components.sessions import SessionStore
+from components.common import AppSettings, drop_space_owner_token, quiet_request_logs
+from components.sessions import SessionStore, gradio_temp_dir
 from merging import native
 from merging.demo import DemoModels, ensure_demo_models
 from merging.writer import parse_size
@@ -58,10 +62,16 @@ def build_app(settings: AppSettings | None = None, sessions: SessionStore | None
               demo: DemoModels | None = None) -> gr.Blocks:
     """The whole page: models, method and YAML on the left; diagnostics, what they mean, and merge on the right."""
     settings = settings if settings is not None else AppSettings.from_env()
-    sessions = sessions if sessions is not None else SessionStore()
+    sessions = sessions if sessions is not None else SessionStore(api_idle_s=settings.api_idle_s)
     demo = demo if demo is not None else ensure_demo_models()
     settings.allowed_roots.append(Path(demo.base).parent)
-    # Gradio's own cache (uploads, copies it makes) is swept hourly of files older than a day.
+    # What a public server's messages and model cards never show: session folders, Gradio's cache, the demo folder;
+    # there the page names demo models and uploads by short names (demo:NAME, upload:NAME: components/names.py).
+    settings.sessions_root, settings.demo_root = sessions.root, Path(demo.base).parent
+    settings.private_roots += [gradio_temp_dir()]
+    shown = public_names(demo, settings)
+    sessions.start_sweeper()  # idle API clients' folders, uploads no event consumed (components/sessions.py)
+    # Gradio's own cache (copies it makes) is also swept hourly of files older than a day.
     with gr.Blocks(title=TITLE, delete_cache=(3600, 86400)) as app:
         gr.Markdown(INTRO)
         # Reading order, in the DOM and on screen: Models → Method on the left (or first, on a phone), then
@@ -69,10 +79,10 @@ def build_app(settings: AppSettings | None = None, sessions: SessionStore | None
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=340):
                 gr.Markdown("### 1 · Models", elem_id="h-models")
-                picker = model_picker.build_model_picker(demo, settings)
+                picker = model_picker.build_model_picker(shown, settings)
                 gr.Markdown("### 2 · Method", elem_id="h-method")
-                form = method_form.build_method_form(demo)
-                method_form.build_yaml_view(form, method_form.initial_yaml(demo))
+                form = method_form.build_method_form(shown)
+                method_form.build_yaml_view(form, method_form.initial_yaml(shown))
                 pre_button, pre_out = preflight.build_preflight_panel()
             with gr.Column(scale=6, min_width=340):
                 gr.Markdown("### 3 · Diagnostics", elem_id="h-diagnostics")
@@ -87,18 +97,29 @@ def build_app(settings: AppSettings | None = None, sessions: SessionStore | None
         config_form = method_form.ConfigForm(picker, form)
         method_form.wire_method_form(config_form)
         method_form.wire_model_list(config_form)
-        model_picker.wire_model_picker(picker, settings, sessions, demo)
+        model_picker.wire_model_picker(picker, settings, sessions, shown)
         preflight.wire_preflight(pre_button, pre_out, config_form, settings, sessions)
         analysis_panel.wire_analysis_panel(analysis, config_form, settings, sessions)
         merge_panel.wire_merge_panel(merge, config_form, settings, sessions)
         eval_panel.wire_eval_panel(evaluation, merge.out_dir, settings, sessions)
 
+        def start_page(request: gr.Request) -> None:
+            """A browser page: its session lasts until the tab closes (API clients' expire when idle)."""
+            sessions.mark_page(request.session_hash)
+
         def end_session(request: gr.Request) -> None:
             """The tab closed: stop its job and remove its folder."""
             sessions.close(request.session_hash)
 
+        app.load(start_page, None, None, api_visibility="private", show_progress="hidden")
         app.unload(end_session)
     return app
+
+
+def public_names(demo: DemoModels, settings: AppSettings) -> DemoModels:
+    """The demo models as the page shows them: by short name (``demo:base``) on a public server."""
+    return dataclasses.replace(demo, base=settings.shown(demo.base),
+                               models={task: settings.shown(path) for task, path in demo.models.items()})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,7 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+    quiet_request_logs()  # httpx/httpx2: one line per HTTP request otherwise, signed download URLs included
     args = parse_args(argv)
     settings = AppSettings.from_env(host=args.host, share=args.share, max_upload_bytes=parse_size(args.max_upload))
     drop_space_owner_token(settings)

@@ -185,11 +185,13 @@ def wire_analysis_panel(panel: AnalysisPanel, cf, settings: AppSettings, session
             advice = advise(stats)
             run = uuid.uuid4().hex[:12]
             figures = figures_for(stats, run)[:N_PLOTS]
+            for old in session.folder.glob("stats-*.json"):  # one analysis' statistics per session
+                old.unlink(missing_ok=True)
             path = session.new_dir("stats").with_suffix(".json")
-            path.write_text(json.dumps(stats, indent=1, default=str))
+            path.write_text(settings.redact(json.dumps(stats, indent=1, default=str)))
         except Exception as exc:  # noqa: BLE001 - shown where it happened (failure() logs bugs with their traceback)
             previous = values[panel.last_run]
-            status = failure("analyze", exc)
+            status = failure("analyze", exc, settings)
             if previous:
                 status += f"\n\nThe findings and charts below are from the previous analysis ({previous})."
             out = {panel.status: status, panel.pending: ""}
@@ -204,7 +206,7 @@ def wire_analysis_panel(panel: AnalysisPanel, cf, settings: AppSettings, session
         out = {panel.status: f"Drawing the charts of the {meta['mode']} analysis…",
                panel.pending: json.dumps({"run": run, "n": len(figures), "done": summary_markdown(stats, seconds)}),
                panel.meaning: gr.update(visible=True), panel.recommendation: head, panel.apply_status: "",
-               panel.findings: findings, panel.recommended: recommended_yaml(advice),
+               panel.findings: findings, panel.recommended: settings.redact(recommended_yaml(advice)),
                panel.charts: gr.update(visible=True), panel.charts_note: "",
                panel.stats_file: gr.update(value=str(path), visible=True), panel.last_run: run_line}
         texts = charts.captions(stats)

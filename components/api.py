@@ -13,6 +13,8 @@ They call the same library functions as the page, in the caller's own session fo
 has its own session hash), with the same path policy and the same merge concurrency limit.
 """
 
+import json
+
 import gradio as gr
 
 from .analysis_panel import analyze_config
@@ -35,7 +37,7 @@ def build_api(settings: AppSettings, sessions: SessionStore) -> None:
         merge_trigger = gr.Button("merge")
         evaluate_trigger = gr.Button("evaluate")
 
-    @user_errors
+    @user_errors(settings=settings)
     def analyze(config_yaml: str, request: gr.Request, oauth_token: gr.OAuthToken | None = None) -> dict:
         """Diagnostics of a merge config: per-layer sign conflicts, task-vector norms, similarity, NAN... as JSON,
         with ``advice``: findings and a recommended merge (``merging.advice``)."""
@@ -44,9 +46,10 @@ def build_api(settings: AppSettings, sessions: SessionStore) -> None:
         from merging.advice import advise
 
         stats = analyze_config(config, settings, token=hf_token(oauth_token))
-        return {**stats, "advice": advise(stats)}
+        # server paths as the visitor names them (demo:NAME, upload:NAME): the recommended config pastes back
+        return json.loads(settings.redact(json.dumps({**stats, "advice": advise(stats)}, default=str)))
 
-    @user_errors
+    @user_errors(settings=settings)
     def merge(config_yaml: str, request: gr.Request, oauth_token: gr.OAuthToken | None = None):
         """Run a merge config; returns every output file, one zip of them (when small) and a summary."""
         session = sessions.get(request.session_hash)
@@ -54,12 +57,12 @@ def build_api(settings: AppSettings, sessions: SessionStore) -> None:
         outcome = merge_in_session(config, session, settings, token=hf_token(oauth_token))
         r = outcome.result
         summary = {"tensors": r.tensors, "bytes_written": r.bytes_written, "seconds": round(r.seconds, 3),
-                   "device": r.device, "notes": r.notes, "emr_tasks": outcome.emr_tasks,
+                   "device": r.device, "notes": [settings.redact(n) for n in r.notes], "emr_tasks": outcome.emr_tasks,
                    "files": {p.name: p.stat().st_size for p in outcome.files}}
         return [str(p) for p in outcome.files], str(outcome.archive) if outcome.archive else None, summary
 
     @gpu_task
-    @user_errors
+    @user_errors(settings=settings)
     def evaluate(config_yaml: str, request: gr.Request, oauth_token: gr.OAuthToken | None = None) -> dict:
         """Check the merged model of a config beside its inputs: perplexity, agreement, continuations, verdict."""
         from merging.evaluate.report import jsonable

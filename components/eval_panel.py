@@ -17,7 +17,7 @@ from merging.config import MergeConfig
 from merging.errors import Cancelled, MergeError
 
 from .common import AppSettings, error_html, failure
-from .merge_panel import gpu_task
+from .merge_panel import config_record, gpu_task
 from .sessions import Session, SessionStore
 
 MAX_TOKENS = 2048  # of the held text: seconds on a small model, and bounded for a big one on a GPU
@@ -36,7 +36,7 @@ def check_in_session(out_dir: str | Path, session: Session, settings: AppSetting
         raise MergeError("Merge first: there is no merged model in this session to check")
     session.cancel.clear()
     report = evaluate(folder, max_tokens=max_tokens, device="auto", hub_cache=settings.allow_local_paths,
-                      progress=progress, cancel=session.cancel.is_set)
+                      progress=progress, cancel=session.cancel.is_set, config_file=merge_record(folder))
     report["merged"] = folder.name  # the session's folder is nobody's business, the user's own included
     return report
 
@@ -46,7 +46,14 @@ def find_merge(session: Session, config: MergeConfig) -> Path | None:
     wanted = config.to_yaml()
     found = sorted((p for p in session.folder.glob("merge-*") if (p / "merge_config.yml").is_file()),
                    key=lambda p: p.stat().st_mtime, reverse=True)
-    return next((p for p in found if (p / "merge_config.yml").read_text(encoding="utf-8") == wanted), None)
+    return next((p for p in found if merge_record(p).read_text(encoding="utf-8") == wanted), None)
+
+
+def merge_record(folder: Path) -> Path:
+    """The config a merge of the session was made from, as written: the hidden record a public server keeps
+    (``merge_panel.config_record``) when the folder's merge_config.yml names inputs as the visitor does."""
+    record = config_record(folder)
+    return record if record.is_file() else folder / "merge_config.yml"
 
 
 def views(report: dict) -> tuple:
@@ -117,7 +124,7 @@ def wire_eval_panel(panel: EvalPanel, out_dir: gr.State, settings: AppSettings, 
         except Cancelled:
             return kept("**Cancelled:** the check stopped.")
         except Exception as exc:  # noqa: BLE001 - shown where it happened (failure() logs bugs with their traceback)
-            return kept(failure("check", exc))
+            return kept(failure("check", exc, settings))
         status, figure, caption, table, conts = views(report)
         path = session.new_dir("check").with_suffix(".json")
         path.write_text(json.dumps(jsonable(report), indent=1))

@@ -17,6 +17,7 @@ own status line and keep the previous result, marked as such.
 import html
 import json
 import os
+import shutil
 import time
 import urllib.parse
 import zipfile
@@ -25,11 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+import yaml
 
 from merging import hub
 from merging.config import MergeConfig
 from merging.engine import MergeResult, Progress, run_merge
 from merging.errors import Cancelled, MergeError
+from merging.resources import checks_enabled, free_resources
+from merging.writer import disk_full_is_one_line
 
 from .common import AppSettings, failure, hf_token, hub_resolver, human_bytes, load_config, progress_text
 from .sessions import Session, SessionStore
@@ -54,25 +58,45 @@ class MergeOutcome:
 
 def merge_in_session(config: MergeConfig, session: Session, settings: AppSettings, *, token: str | None = None,
                      on_progress: Callable[[Progress], None] | None = None) -> MergeOutcome:
-    """Merge into a fresh folder of the session; zip it when small. Raises Cancelled (nothing left) on cancel."""
+    """Merge into a fresh folder of the session (the previous merge's files removed first: one output per session);
+    zip it when small. The disk pre-flight counts the zip, and the session's quota; a disk filling at any step
+    leaves nothing. Raises Cancelled (nothing left) on cancel."""
     session.cancel.clear()
-    out_dir = session.new_dir("merge")
-    delay = settings.tensor_delay_s
+    with session.working():
+        session.remove_outputs()
+        out_dir = session.new_dir("merge")
+        delay = settings.tensor_delay_s
 
-    def progress(p: Progress) -> None:
-        if on_progress is not None:
-            on_progress(p)
-        if delay:
-            time.sleep(delay)
+        def progress(p: Progress) -> None:
+            if on_progress is not None:
+                on_progress(p)
+            if delay:
+                time.sleep(delay)
 
-    result = run_merge(config, out_dir, device="auto", progress=progress, cancel=session.cancel.is_set,
-                       resolver=hub_resolver(token))
-    files = sorted(p for p in out_dir.iterdir() if p.is_file())
-    weights = [p for p in files if p.suffix == ".safetensors"]
-    total = sum(p.stat().st_size for p in files)
-    archive = None
-    if len(files) > 1 and total <= settings.archive_limit_bytes:
-        archive = make_archive(out_dir, out_dir.with_suffix(".zip"))
+        def room_for(disk: int) -> None:  # the engine's estimate of the output folder, before anything is written
+            zipped = disk <= settings.archive_limit_bytes
+            need = 2 * disk if zipped else disk
+            session.require_room(need, settings.session_quota_bytes, "merge")
+            free = free_resources(session.folder).disk
+            if zipped and free is not None and checks_enabled() and need > free:
+                raise MergeError(f"not enough disk space: the output and its zip need about {human_bytes(need)} "
+                                 f"but only {human_bytes(free)} is free")
+
+        result = run_merge(config, out_dir, device="auto", progress=progress, cancel=session.cancel.is_set,
+                           resolver=hub_resolver(token), disk_check=room_for)
+        try:
+            if not settings.allow_local_paths:
+                redact_outputs(out_dir, settings, config_record(out_dir))
+            files = sorted(p for p in out_dir.iterdir() if p.is_file())
+            weights = [p for p in files if p.suffix == ".safetensors"]
+            total = sum(p.stat().st_size for p in files)
+            archive = None
+            if len(files) > 1 and total <= settings.archive_limit_bytes:
+                archive = make_archive(out_dir, out_dir.with_suffix(".zip"))
+        except BaseException:
+            shutil.rmtree(out_dir, ignore_errors=True)  # no half-finished merge stays to fill the disk
+            config_record(out_dir).unlink(missing_ok=True)
+            raise
     emr_tasks = []
     if (out_dir / "emr.json").is_file():
         meta = json.loads((out_dir / "emr.json").read_text(encoding="utf-8"))
@@ -80,11 +104,53 @@ def merge_in_session(config: MergeConfig, session: Session, settings: AppSetting
     return MergeOutcome(result, files, weights, archive, emr_tasks)
 
 
+def config_record(out_dir: Path) -> Path:
+    """Where the session keeps a merge's config as written (server paths included) when the folder's copy names
+    inputs as the visitor does: beside the folder, hidden, never listed for download (``.merge-2.yml``)."""
+    return out_dir.with_name(f".{out_dir.name}.yml")
+
+
+def redact_outputs(folder: Path, settings: AppSettings, record: Path) -> None:
+    """On a public server the model card and merge_config.yml name inputs as the visitor does (upload file names,
+    demo models' short names), never by server path; the exact config stays in ``record`` (what the check reads
+    the inputs from, and what /evaluate matches a config with)."""
+    with disk_full_is_one_line():
+        shutil.copyfile(folder / "merge_config.yml", record)
+        for name in ("README.md", "merge_config.yml", "emr.json"):
+            path = folder / name
+            if path.is_file():
+                path.write_text(settings.redact(path.read_text(encoding="utf-8")), encoding="utf-8")
+
+
+def materialize_in_session(out_dir: Path, task: str, session: Session, settings: AppSettings, *,
+                           token: str | None = None) -> tuple[list[Path], Path]:
+    """Task ``task`` of the session's EMR merge ``out_dir`` as a model of its own, and its zip. On a public server
+    the merge's emr.json names its inputs as the visitor does; the base's path comes from the merge's record."""
+    from merging.emr_store import extract_task
+
+    record, base = config_record(out_dir), None
+    if record.is_file():
+        base = yaml.safe_load(record.read_text(encoding="utf-8")).get("base_model")
+    target = session.new_dir("task")
+    with session.working():
+        try:
+            extract_task(out_dir, task, target, base=base, resolver=hub_resolver(token))
+            card = target / "README.md"
+            if not settings.allow_local_paths and card.is_file():  # the base as the visitor names it
+                with disk_full_is_one_line():
+                    card.write_text(settings.redact(card.read_text(encoding="utf-8")), encoding="utf-8")
+            files = sorted(p for p in target.iterdir() if p.is_file())
+            return files, make_archive(target, target.with_suffix(".zip"))
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+
+
 def make_archive(folder: Path, zip_path: Path) -> Path:
     """Every file of ``folder`` in one zip under the folder's name; weights stored (they do not compress)."""
     tmp = zip_path.with_name(zip_path.name + ".part")
     try:
-        with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+        with disk_full_is_one_line(), zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
             for path in sorted(folder.iterdir()):
                 method = zipfile.ZIP_STORED if path.suffix == ".safetensors" else zipfile.ZIP_DEFLATED
                 zf.write(path, f"{folder.name}/{path.name}", compress_type=method)
@@ -172,9 +238,11 @@ def build_merge_panel(settings: AppSettings) -> MergePanel:
         emr_status = gr.Markdown(elem_id="emr-status")
         emr_files = gr.HTML(elem_id="emr-files", js_on_load=None)
     with gr.Accordion("Push to the Hugging Face Hub", open=False):
-        if settings.on_space:
+        if settings.login:
             gr.LoginButton()
             hint = "Sign in above; the merge is pushed with your account (write scope)."
+        elif settings.on_space:
+            hint = "Pushing needs a visitor's own Hugging Face login, which this server does not offer."
         else:
             hint = "Locally, pushing uses the `HF_TOKEN` environment variable (or your `hf auth login`)."
         gr.Markdown(hint)
@@ -197,6 +265,16 @@ def wire_merge_panel(panel: MergePanel, cf, settings: AppSettings, sessions: Ses
     outputs = [panel.status, panel.download, panel.files, panel.archive, panel.out_dir, panel.emr_group,
                panel.emr_task, panel.emr_files, panel.emr_status]
 
+    def kept(status: str, previous: str | None) -> dict:
+        """A failed merge's status; the previous merge's files stay listed while they exist (a merge refused before
+        it started), else (a new merge removes them as it starts) their table is hidden."""
+        if previous and Path(previous).is_dir():
+            return {panel.status: status + "\n\nThe files below are from the previous merge."}
+        note = "\n\nThe previous merge's files were removed when this one started." if previous else ""
+        return {panel.status: status + note, panel.download: gr.update(visible=False),
+                panel.files: gr.update(visible=False), panel.archive: gr.update(visible=False), panel.out_dir: None,
+                panel.emr_group: gr.update(visible=False)}
+
     @gpu_task
     def merge(values: dict, request: gr.Request, oauth_token: gr.OAuthToken | None = None,
               progress=gr.Progress()) -> dict:  # noqa: B008 - Gradio's way of asking for a progress bar
@@ -212,17 +290,13 @@ def wire_merge_panel(panel: MergePanel, cf, settings: AppSettings, sessions: Ses
             outcome = merge_in_session(config, session, settings, token=hf_token(oauth_token),
                                        on_progress=on_progress)
         except Cancelled:
-            return {panel.status: "**Cancelled:** the merge stopped and nothing was written."
-                                  + (" The files below are from the previous merge." if previous else "")}
+            return kept("**Cancelled:** the merge stopped and nothing was written.", previous)
         except Exception as exc:  # noqa: BLE001 - shown where it happened (failure() logs bugs with their traceback)
-            status = failure("merge", exc)
-            if previous:
-                status += "\n\nThe files below are from the previous merge."
-            return {panel.status: status}
+            return kept(failure("merge", exc, settings), previous)
         single = outcome.weights[0] if len(outcome.weights) == 1 and not outcome.emr_tasks else None
         archive = outcome.archive
         return {
-            panel.status: merge_markdown(outcome),
+            panel.status: settings.redact(merge_markdown(outcome)),
             panel.download: gr.update(value=str(single), visible=True, label=f"Download {single.name}") if single
             else gr.update(visible=False),
             panel.files: gr.update(value=files_table(outcome.files), visible=True),
@@ -247,26 +321,22 @@ def wire_merge_panel(panel: MergePanel, cf, settings: AppSettings, sessions: Ses
             if not (repo_id or "").strip():
                 raise MergeError("push: enter a repository id such as your-name/merged-model")
             if settings.on_space and oauth_token is None:
-                raise MergeError("push: sign in with Hugging Face (the button above) to push to your account")
+                raise MergeError("push: sign in with Hugging Face (the button above) to push to your account"
+                                 if settings.login else "push: this server offers no Hugging Face login to push with")
             url = hub.push_merge(out_dir, repo_id.strip(), token=hf_token(oauth_token), private=bool(private))
         except Exception as exc:  # noqa: BLE001 - shown where it happened
-            return failure("push", exc)
+            return failure("push", exc, settings)
         return f"**Pushed** to {url}"
 
     def materialize(values: dict, request: gr.Request, oauth_token: gr.OAuthToken | None = None) -> dict:
-        from merging.emr_store import extract_task
-
         out_dir, task = values[panel.out_dir], values[panel.emr_task]
         try:
             if not out_dir or not task:
                 raise MergeError("materialize: run an EMR merge and pick a task first")
-            session = sessions.get(request.session_hash)
-            target = session.new_dir("task")
-            extract_task(out_dir, task, target, resolver=hub_resolver(hf_token(oauth_token)))
-            files = sorted(p for p in target.iterdir() if p.is_file())
-            archive = make_archive(target, target.with_suffix(".zip"))
+            files, archive = materialize_in_session(Path(out_dir), task, sessions.get(request.session_hash),
+                                                    settings, token=hf_token(oauth_token))
         except Exception as exc:  # noqa: BLE001 - shown where it happened
-            return {panel.emr_status: failure("materialize", exc)}
+            return {panel.emr_status: failure("materialize", exc, settings)}
         return {panel.emr_status: f"**Task model** of `{task}`: downloading {archive.name}; or one file at a time:",
                 panel.emr_files: files_table(files, archive, auto=archive)}
 

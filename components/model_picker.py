@@ -20,10 +20,11 @@ from merging.demo import DemoModels
 from merging.errors import MergeError, SourceError
 from merging.methods import REGISTRY
 from merging.safetensors_io import read_local_header
+from merging.writer import disk_full_is_one_line
 
 from .common import AppSettings, failure, hf_token, human_bytes
 from .form_state import MAX_MODEL_ROWS, first_empty_row, per_model_params
-from .sessions import SessionStore
+from .sessions import SessionStore, discard_upload
 
 MAX_MODELS = MAX_MODEL_ROWS  # the model rows the page holds (the state itself takes any number)
 
@@ -127,7 +128,7 @@ def wire_model_picker(picker: ModelPicker, settings: AppSettings, sessions: Sess
             else:
                 raise MergeError("search: type a query, or enter a base model (a Hub repo id) to list its fine-tunes")
         except Exception as exc:  # noqa: BLE001 - shown where it happened (failure() logs bugs with their traceback)
-            return {picker.status: failure("search", exc)}
+            return {picker.status: failure("search", exc, settings)}
         return {picker.search_results: gr.update(choices=[_result_label(r) for r in results], value=None),
                 picker.status: said}
 
@@ -158,20 +159,27 @@ def wire_model_picker(picker: ModelPicker, settings: AppSettings, sessions: Sess
             target.mkdir(exist_ok=True)
             for path in files:
                 path = Path(path)
-                if path.stat().st_size > settings.max_upload_bytes:
-                    raise SourceError(f"{path.name}: {human_bytes(path.stat().st_size)} is over the upload limit")
+                size = path.stat().st_size
+                if size > settings.max_upload_bytes:
+                    raise SourceError(f"{path.name}: {human_bytes(size)} is over the upload limit")
                 read_local_header(path)  # a SourceError names the file when it is not safetensors
                 free = first_empty_row(refs)
                 if free is None:
                     raise SourceError(f"{path.name}: all {MAX_MODELS} model rows are used")
                 dest = target / path.name
-                shutil.copyfile(path, dest)
-                refs[free] = str(dest)
+                session.require_room(size - (dest.stat().st_size if dest.is_file() else 0),
+                                     settings.session_quota_bytes, f"upload {path.name}")
+                with disk_full_is_one_line():
+                    shutil.copyfile(path, dest)
+                refs[free] = settings.shown(dest, target)  # upload:NAME on a public server
                 added.append(path.name)
         except Exception as exc:  # noqa: BLE001 - shown where it happened
-            status = failure("upload", exc)
+            status = failure("upload", exc, settings)
         else:
             status = f"uploaded: {', '.join(added)}"
+        finally:
+            for path in files:  # Gradio's cached copy, accepted or not: the session folder holds ours
+                discard_upload(path)
         filled = {comp: ref for comp, ref in zip(slot_models, refs) if ref != values[comp]}
         return filled | {picker.status: status}
 

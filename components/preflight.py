@@ -79,8 +79,9 @@ def wire_preflight(button, out, cf, settings: AppSettings, sessions: SessionStor
             session = sessions.get(request.session_hash)
             config = load_config(cf.config_text(values), settings, [session.folder])
             token = hf_token(oauth_token)
-            return preflight_markdown(hub.preflight(config, token, resolver=hub_resolver(token)), config)
+            found = hub.preflight(config, token, resolver=hub_resolver(token))
+            return settings.redact(preflight_markdown(found, config))  # inputs by the visitor's names
         except Exception as exc:  # noqa: BLE001 - shown where it happened (failure() logs bugs with their traceback)
-            return failure("pre-flight", exc)
+            return failure("pre-flight", exc, settings)
 
     button.click(run, cf.inputs(), out, api_visibility="private", show_progress_on=[out])

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .limits import check_config_limits, check_probes
 from .methods.registry import MergeMethod, get_method
 from .params import check_params, probe_points, resolve
 from .yaml_budget import load_yaml
@@ -291,6 +292,7 @@ def validate_config(config: MergeConfig, *, source: str = "config") -> None:
     """Check the method, its inputs, every parameter value and the method's cross-parameter rules, once, before
     anything is read."""
     method = get_method(config.merge_method, source)
+    check_config_limits(config, source)
     for where, part in parts(config):
         _validate_part(config, method, part, f"{source}: {where}" if where else source)
     check_params(method, config.parameters, f"{source}: parameters")
@@ -336,7 +338,9 @@ def _validate_part(config: MergeConfig, method: MergeMethod, part: Module, sourc
         groups = [(scopes, [e.parameters for e in entries])]
     if method.validate is not None:
         for shared, model_params in groups:
-            for name, t in probe_points(_merged_scopes(shared), model_params):
+            points = probe_points(_merged_scopes(shared), model_params)
+            check_probes(len(points), f"{source}: parameters")
+            for name, t in points:
                 method.validate(resolve(method, shared, model_params, name, t), f"{source}: parameters")
 
 

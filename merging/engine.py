@@ -313,8 +313,10 @@ class Executor(UnitReads):
 
 def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto", max_shard_size: str | int = "5GB",
               allow_pickle: bool = False, overwrite: bool = False, progress: ProgressFn | None = None,
-              cancel: CancelFn | None = None, resolver=None) -> MergeResult:
-    """Merge as ``config`` says into ``out_dir``; the folder appears only when everything succeeded."""
+              cancel: CancelFn | None = None, resolver=None,
+              disk_check: Callable[[int], None] | None = None) -> MergeResult:
+    """Merge as ``config`` says into ``out_dir``; the folder appears only when everything succeeded. ``disk_check``:
+    the caller's own check of the output's estimated bytes (a quota, a zip), with the pre-flight."""
     started = time.monotonic()
     reuse_freed_memory()
     # The merge loop allocates small objects by the thousand; without this, the collections they trigger rescan
@@ -327,7 +329,9 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
         plan = build_plan(config, sources)
         plan.require_compatible()
         # refuse up front rather than die of OOM or a full disk
-        check_resources(plan, out_dir, sources, uses_kernels(plan.method, dev.type))
+        estimate = check_resources(plan, out_dir, sources, uses_kernels(plan.method, dev.type))
+        if disk_check is not None:
+            disk_check(estimate.disk)
         executor = Executor(plan, sources, dev, progress, cancel)
         with native.own_cores(uses_kernels(plan.method, dev.type)), OutputFolder(out_dir, overwrite) as tmp:
             after_merge = plan.method.reduce_after_merge and executor.wants_reduction()

@@ -114,11 +114,11 @@ def _plan_models(planner: Planner, part: Module, names: list[str], shared: tuple
     model_params = [e.parameters for e in entries]
     base = config.base_model if method.base != "none" else None
     tasks = []
-    wanted = list(names)
+    wanted = dict.fromkeys(names)  # ordered, and O(1) to ask
     for e in entries:  # heads a tied reference does not store, but an untied input does: the output gets them
         for name in planner.specs(e.model):
             if name not in ref_specs and name not in wanted and tied_partner(name, ref_specs):
-                wanted.append(name)
+                wanted[name] = None
                 planner.untied.add(name)
     for name in wanted:
         ref_name = planner.input_name(reference, name)

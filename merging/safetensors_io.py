@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import SourceError
+from .limits import MAX_TENSORS
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -37,8 +38,12 @@ FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 
 
+DTYPE_SIZES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+
+
 def dtype_size(dtype: str) -> int:
-    return DTYPES[dtype].itemsize
+    """Bytes per element (a dict lookup: it is asked several times per tensor of every model)."""
+    return DTYPE_SIZES[dtype]
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,9 @@ def parse_header(read_at: Callable[[int, int], bytes], file_size: int,
         raise SourceError(f"{label}: the header is not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise SourceError(f"{label}: the header is not a JSON object")
+    if len(header) > MAX_TENSORS + 1:  # + __metadata__
+        raise SourceError(f"{label}: the header lists {len(header) - 1:,} tensors or more; at most {MAX_TENSORS:,} "
+                          "are read from one checkpoint")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise SourceError(f"{label}: __metadata__ is not a mapping")

@@ -36,8 +36,11 @@ def plan_slices(planner: Planner, slices: list[Slice], names: list[str], shared:
                           f"({', '.join(labels)}); slice each on its own with `modules:` "
                           f"({', '.join(f'{label}: {{slices: [...]}}' for label in labels)})")
     stack = stacks.pop()
-    templates = _templates(names, stack)
-    first_only = {t for t in templates if _only_in_first(names, t, stack)}
+    _check_ranges(planner, slices, stack, where)
+    blocks_of = _template_blocks(names, stack)  # every per-block tensor (as its name in block 0) -> its blocks
+    templates = list(blocks_of)
+    every = set().union(*blocks_of.values())
+    first_only = {t for t in templates if len(every) > 1 and blocks_of[t] == {0}}
     non_layer = [n for n in names if layer_position(n) is None]
     pre = [n for n in non_layer if any(h in n for h in _PRE_HINTS)]
     post = [n for n in non_layer if n not in pre]
@@ -62,7 +65,7 @@ def plan_slices(planner: Planner, slices: list[Slice], names: list[str], shared:
 
                 lead = sl.sources[0]
                 if template not in first_only and in_of(lead) not in planner.specs(lead.model) \
-                        and not _in_every_block(names, template, stack):
+                        and blocks_of[template] != every:
                     continue  # a tensor only some blocks have, and this source block has not
                 tasks += _task(planner, with_layer_position(template, out_layer), sl, in_of, t, shared)
             out_layer += 1
@@ -98,29 +101,30 @@ def _task(planner: Planner, out_name: str, sl: Slice, in_of, t: float, shared: t
     return [task]
 
 
-def _templates(names: list[str], stack: str) -> list[str]:
-    """Every per-block tensor of a stack, as its name in block 0, in first-seen order."""
-    out: dict[str, None] = {}
+def _template_blocks(names: list[str], stack: str) -> dict[str, set[int]]:
+    """Every per-block tensor of a stack, as its name in block 0 (in first-seen order), with the blocks that hold it:
+    one pass over the names, so that a checkpoint of many tensors per block plans in time linear in its size."""
+    out: dict[str, set[int]] = {}
     for n in names:
         pos = layer_position(n)
         if pos is not None and pos[0] == stack:
-            out[with_layer_position(n, 0)] = None
-    return list(out)
+            out.setdefault(with_layer_position(n, 0), set()).add(pos[1])
+    return out
 
 
-def _blocks(names: list[str], stack: str, template: str | None = None) -> set[int]:
-    """The blocks of a stack (that hold ``template``, when given)."""
-    found = set()
-    for n in names:
-        pos = layer_position(n)
-        if pos is not None and pos[0] == stack and (template is None or with_layer_position(n, 0) == template):
-            found.add(pos[1])
-    return found
-
-
-def _only_in_first(names: list[str], template: str, stack: str) -> bool:
-    return len(_blocks(names, stack)) > 1 and _blocks(names, stack, template) == {0}
-
-
-def _in_every_block(names: list[str], template: str, stack: str) -> bool:
-    return _blocks(names, stack, template) == _blocks(names, stack)
+def _check_ranges(planner: Planner, slices: list[Slice], stack: str, where: str) -> None:
+    """Every ``layer_range`` within its source's own layers (the config's validation bounded them by MAX_LAYERS;
+    here each model's count is known), so that a range past the end is refused with both numbers."""
+    counts: dict[str, int] = {}
+    for i, sl in enumerate(slices):
+        for j, src in enumerate(sl.sources):
+            if src.model not in counts:
+                blocks = [pos[1] for n in planner.specs(src.model)
+                          if (pos := layer_position(n)) is not None and pos[0] == stack]
+                counts[src.model] = max(blocks) + 1 if blocks else 0
+            start, end = src.layer_range
+            n = counts[src.model]
+            if end > n:
+                has = f"which has {n} layers (0 to {n - 1})" if n else f"which has no `{stack}.N` layers"
+                raise ConfigError(f"config: {where + ': ' if where else ''}slices[{i}].sources[{j}]: layer_range "
+                                  f"[{start}, {end}] goes past the end of {src.model}, {has}")

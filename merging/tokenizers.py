@@ -19,6 +19,7 @@ Tokenizers are read from ``tokenizer.json`` (the fast-tokenizer file every trans
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,7 @@ from .config import MergeConfig, TokenEmbedding, TokenSource
 from .errors import ConfigError, SourceError
 from .safetensors_io import DTYPES
 from .sources import CheckpointSource, TensorSpec, open_source, read_json_file
+from .sources.base import frozen_specs
 
 _VOCAB_MODULES = ("embed_tokens", "wte", "word_embeddings", "lm_head", "embed_in", "embed_out", "shared",
                   "predictions.decoder")
@@ -268,18 +270,19 @@ class PermutedVocab(CheckpointSource):
         self.label = source.label
         self._src, self._ref, self._rows = source, ref, rows
         vocab_rows = rows.vocabs[ref].rows
-        self._specs = {}
+        specs = {}
         self._vocab_names = set()
         for name, spec in source.specs().items():
             module = name.rsplit(".", 1)[0]
             if spec.shape and spec.shape[0] == vocab_rows and spec.is_float and module.endswith(_VOCAB_MODULES):
                 self._vocab_names.add(name)
                 spec = TensorSpec(spec.dtype, (rows.out.size, *spec.shape[1:]))
-            self._specs[name] = spec
+            specs[name] = spec
+        self._specs = frozen_specs(specs)
         self._cache: tuple[str, torch.Tensor] | None = None
 
-    def specs(self) -> dict[str, TensorSpec]:
-        return dict(self._specs)
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._specs
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         if name not in self._vocab_names:

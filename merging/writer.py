@@ -7,6 +7,7 @@ memory, tensors may finish in any order, and the disk space is reserved up front
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import shutil
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -128,11 +130,30 @@ class ShardedWriter:
         self._fds = []
 
 
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+@contextmanager
+def disk_full_is_one_line():
+    """A write that finds the disk full (or a quota or file-size limit reached) raises the one line users see,
+    whichever step it was (tensors, side files, tokenizer files, an archive); other OS errors pass unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in DISK_FULL:
+            raise disk_full(exc) from None
+        raise
+
+
+def disk_full(exc: OSError) -> MergeError:
+    return MergeError(f"disk full while writing the output: {exc.strerror or os.strerror(exc.errno)}")
+
+
 def _reserve(fd: int, size: int) -> None:
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
-        if exc.errno in (28, 27):  # ENOSPC, EFBIG
+        if exc.errno in DISK_FULL:
             raise MergeError(f"not enough disk space for the output ({size / 1e9:.2f} GB needed): "
                              f"{exc.strerror}") from None
         os.ftruncate(fd, size)  # the filesystem cannot preallocate; write sparse
@@ -144,8 +165,8 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         try:
             n = os.pwrite(fd, data, offset)
         except OSError as exc:
-            if exc.errno in (28, 27):
-                raise MergeError(f"disk full while writing the output: {exc.strerror}") from None
+            if exc.errno in DISK_FULL:
+                raise disk_full(exc) from None
             raise
         data = data[n:]
         offset += n
@@ -178,6 +199,8 @@ class OutputFolder:
         assert self.tmp is not None
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL:  # a side file, the index, a tokenizer file
+                raise disk_full(exc) from None
             return
         try:
             if self.out.exists():

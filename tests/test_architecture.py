@@ -13,7 +13,7 @@ MAX_LINES = 450
 # The rooms, bottom first. A module may import its own room and the rooms below it, never one above.
 ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("foundations", ("merging.errors", "merging.safetensors_io", "merging.synthetic", "merging.bands",
-                     "merging.memory", "merging.architectures", "merging.yaml_budget")),
+                     "merging.memory", "merging.architectures", "merging.yaml_budget", "merging.limits")),
     ("sources and kernels", ("merging.sources", "merging.native")),
     ("methods", ("merging.methods", "merging.params")),
     ("config", ("merging.config",)),

@@ -119,7 +119,10 @@ def test_eight_sessions_merge_different_configs_at_once(served, tmp_path, monkey
         got = {Path(f["path"]).name: Path(f["path"]) for f in files}
         assert set(got) == set(expected.files), (CONFIGS[i]["merge_method"], sorted(got))
         for name, path in got.items():
-            assert path.read_bytes() == (expected_dir / name).read_bytes(), (CONFIGS[i]["merge_method"], name)
+            want = (expected_dir / name).read_bytes()
+            if name in ("README.md", "merge_config.yml"):  # a public server names the demo models demo:NAME
+                want = served.settings.redact(want.decode()).encode()
+            assert path.read_bytes() == want, (CONFIGS[i]["merge_method"], name)
         assert summary["tensors"] == expected.tensors
         folders.append({Path(f["path"]).parent.parent for f in files}.pop())
 

@@ -111,15 +111,16 @@ def merged_candidate(merged: str | os.PathLike) -> Candidate:
     return with_sizes(Candidate("merged", str(merged), "merged", folder))
 
 
-def compare_candidates(merged: Path, compare: list[str] | None, hub_cache: bool = True) -> list[Candidate]:
+def compare_candidates(merged: Path, compare: list[str] | None, hub_cache: bool = True,
+                       config_file: str | Path | None = None) -> list[Candidate]:
     """The models to compare with: ``compare`` (the first one is treated as the base), else the inputs named by
-    the merged folder's ``merge_config.yml`` (base first). An explicit reference that is not available offline
-    is an error; an input named by the config is a row with a note."""
+    the merged folder's ``merge_config.yml`` or ``config_file`` (base first). An explicit reference that is not
+    available offline is an error; an input named by the config is a row with a note."""
     explicit = compare is not None
     if explicit:
         refs = [(ref, "base" if i == 0 else "input") for i, ref in enumerate(compare)]
     else:
-        refs = _config_inputs(merged)
+        refs = _config_inputs(Path(config_file) if config_file else merged / "merge_config.yml")
     labels: Counter = Counter()
     out = []
     for ref, role in refs:
@@ -135,8 +136,7 @@ def compare_candidates(merged: Path, compare: list[str] | None, hub_cache: bool 
     return out
 
 
-def _config_inputs(merged: Path) -> list[tuple[str, str]]:
-    path = merged / "merge_config.yml"
+def _config_inputs(path: Path) -> list[tuple[str, str]]:
     if not path.is_file():
         return []
     import yaml

@@ -26,13 +26,14 @@ def evaluate(merged: str | Path, compare: list[str] | None = None, *, text: str 
              prompts: str | Path | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
              new_tokens: int = DEFAULT_NEW_TOKENS, window: int | None = None, stride: int | None = None,
              device: str = "auto", dtype: str = "auto", hub_cache: bool = True, progress: Callable | None = None,
-             cancel: Callable[[], bool] | None = None) -> dict:
-    """Check the merged folder ``merged`` against ``compare`` (default: the inputs its merge_config.yml names)."""
+             cancel: Callable[[], bool] | None = None, config_file: str | Path | None = None) -> dict:
+    """Check the merged folder ``merged`` against ``compare`` (default: the inputs its merge_config.yml, or
+    ``config_file``, names)."""
     started = time.monotonic()
     if max_tokens < 2:
         raise SourceError(f"--max-tokens {max_tokens}: at least 2 tokens are needed")
     merged_c = inp.merged_candidate(merged)
-    others = inp.compare_candidates(merged_c.folder, compare, hub_cache)
+    others = inp.compare_candidates(merged_c.folder, compare, hub_cache, config_file=config_file)
     candidates = [*others, merged_c]  # the table's order: base, inputs, merged
     held, source = inp.read_text(text)
     if inp.is_zoo(inp.read_config(merged_c.folder)):

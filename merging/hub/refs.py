@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import MergeError, SourceError
+from .ambient import ambient_allowed
 
 DEFAULT_ENDPOINT_ENV = "MERGESCOPE_HF_ENDPOINT"
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
@@ -16,7 +17,6 @@ MAX_REPO_ID = 96  # the Hub's limit
 MAX_REVISION = 200
 SEARCH_FIELDS = ["downloads", "likes", "safetensors", "siblings", "pipeline_tag", "gated", "private", "tags"]
 RELATIONS = ("finetune", "adapter", "merge", "quantized")
-
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,15 @@ def parse_ref(ref: str) -> HubRef:
 
 
 def resolve_token(token: str | None = None) -> str | None:
-    """The token to use: the one given, else HF_TOKEN, else huggingface_hub's stored login; None if none."""
+    """The token to use: the one given; else, except on a Space (``ambient.ambient_allowed``), HF_TOKEN or what
+    huggingface_hub finds itself (HUGGING_FACE_HUB_TOKEN, the stored login); None if none.
+
+    On a Space the only token is the one a call passes (the visitor's login): the environment and the stored login
+    are the owner's, never a visitor's, unless the owner set MERGESCOPE_USE_SPACE_TOKEN=1."""
     if token and token.strip():
         return token.strip()
+    if not ambient_allowed():
+        return None
     env = os.environ.get("HF_TOKEN", "").strip()
     if env:
         return env

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -31,6 +33,11 @@ class TensorSpec:
         return self.dtype in FLOAT_DTYPES
 
 
+def frozen_specs(specs: dict[str, TensorSpec]) -> Mapping[str, TensorSpec]:
+    """A source's specs as it hands them out: built once, read-only (every lookup is O(1), none copies them)."""
+    return MappingProxyType(specs)
+
+
 class CheckpointSource(ABC):
     """A checkpoint's tensors, read one at a time."""
 
@@ -38,8 +45,10 @@ class CheckpointSource(ABC):
     read_concurrency: int = 1  # reads worth running at once (a Hub checkpoint: its connection limit)
 
     @abstractmethod
-    def specs(self) -> dict[str, TensorSpec]:
-        """Every tensor's dtype and shape, by name, in file order."""
+    def specs(self) -> Mapping[str, TensorSpec]:
+        """Every tensor's dtype and shape, by name, in file order: the same read-only mapping on every call (the
+        planner and the engine look tensors up in it once per tensor, so building it per call would make a
+        checkpoint of n tensors cost n² to plan)."""
 
     @abstractmethod
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from ..errors import SourceError
 from ..safetensors_io import DTYPE_NAMES
-from .base import CheckpointSource, TensorSpec
+from .base import CheckpointSource, TensorSpec, frozen_specs
 from .safetensors_files import LocalFile, SafetensorsCheckpoint, shard_files_from_index
 
 # Side files copied from the reference into a merged checkpoint: the config, the generation config, and every
@@ -85,9 +86,10 @@ class InMemoryCheckpoint(CheckpointSource):
         self.label = label
         self._tensors = tensors
         self._side = side or {}
+        self._specs = frozen_specs({n: TensorSpec(DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in tensors.items()})
 
-    def specs(self) -> dict[str, TensorSpec]:
-        return {n: TensorSpec(DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in self._tensors.items()}
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._specs
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         if name not in self._tensors:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ import torch
 from ..architectures import runtime_names, tied_partner
 from ..errors import SourceError
 from . import peft_math
-from .base import CheckpointSource, TensorSpec
+from .base import CheckpointSource, TensorSpec, frozen_specs
 from .safetensors_files import LocalFile, SafetensorsCheckpoint
 
 _PREFIX = "base_model.model."
@@ -79,9 +80,10 @@ class LoraCheckpoint(CheckpointSource):
         for entry in self._mods.values():
             if "A" not in entry or "B" not in entry:
                 raise SourceError(f"{adapter_dir}: module {entry['module']!r} has only one of lora_A / lora_B")
-        self._specs = dict(self._base_specs)
+        specs = dict(self._base_specs)
         for name, key in self._replaced.items():
-            self._specs[name] = self._adapter.specs()[key]
+            specs[name] = self._adapter.specs()[key]
+        self._specs = frozen_specs(specs)
 
     # ----- reading the adapter's keys -----
     def _parse(self, key: str) -> None:
@@ -127,8 +129,8 @@ class LoraCheckpoint(CheckpointSource):
                           "does not have (checked its names, its tied head and transformers 5's runtime names)")
 
     # ----- the checkpoint -----
-    def specs(self) -> dict[str, TensorSpec]:
-        return dict(self._specs)
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._specs
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         if name not in self._mods and name not in self._tokens and name not in self._bias:

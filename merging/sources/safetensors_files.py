@@ -10,12 +10,14 @@ import json
 import os
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 
 import torch
 
 from ..errors import SourceError
+from ..limits import MAX_TENSORS
 from ..safetensors_io import TensorInfo, parse_header, tensor_from_bytes
-from .base import CheckpointSource, TensorSpec
+from .base import CheckpointSource, TensorSpec, frozen_specs
 
 
 def uninitialized_bytes(n: int) -> torch.Tensor:
@@ -91,6 +93,9 @@ class SafetensorsCheckpoint(CheckpointSource):
         for fname, reader in readers.items():
             where = f"{label}/{fname}" if len(readers) > 1 or fname else label
             infos, _ = parse_header(reader.read_at, reader.size, where)
+            if len(self._infos) + len(infos) > MAX_TENSORS:
+                raise SourceError(f"{label}: its files hold more than {MAX_TENSORS:,} tensors, the most read from "
+                                  "one checkpoint")
             for name, info in infos.items():
                 if name in self._infos:
                     raise SourceError(f"{label}: tensor {name!r} appears in both {self._where[name]} and {fname}")
@@ -98,9 +103,10 @@ class SafetensorsCheckpoint(CheckpointSource):
                 self._where[name] = fname
         if not self._infos:
             raise SourceError(f"{label}: the checkpoint holds no tensors")
+        self._specs = frozen_specs({n: TensorSpec(i.dtype, i.shape) for n, i in self._infos.items()})
 
-    def specs(self) -> dict[str, TensorSpec]:
-        return {n: TensorSpec(i.dtype, i.shape) for n, i in self._infos.items()}
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._specs
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         info = self._infos.get(name)

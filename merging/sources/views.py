@@ -11,10 +11,12 @@ what transformers 5 loads. A row of a fused tensor is one expert.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ..architectures import fused_expert_groups
-from .base import CheckpointSource, TensorSpec
+from .base import CheckpointSource, TensorSpec, frozen_specs
 
 
 class FusedExperts(CheckpointSource):
@@ -26,18 +28,19 @@ class FusedExperts(CheckpointSource):
         inner = source.specs()
         part_of = {p: fused for fused, experts in groups.items() for parts in experts for p in parts}
         back = {v: k for k, v in renames.items()}
-        self._specs: dict[str, TensorSpec] = {}
+        specs: dict[str, TensorSpec] = {}
         for name, spec in inner.items():
             fused = part_of.get(name)
             if fused is None:
-                self._specs[back.get(name, name)] = spec
-            elif fused not in self._specs:
+                specs[back.get(name, name)] = spec
+            elif fused not in specs:
                 first = [inner[p] for p in groups[fused][0]]
                 rows = sum(s.shape[0] for s in first)
-                self._specs[fused] = TensorSpec(first[0].dtype, (len(groups[fused]), rows, *first[0].shape[1:]))
+                specs[fused] = TensorSpec(first[0].dtype, (len(groups[fused]), rows, *first[0].shape[1:]))
+        self._specs = frozen_specs(specs)
 
-    def specs(self) -> dict[str, TensorSpec]:
-        return dict(self._specs)
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._specs
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         experts = self._groups.get(name)
