@@ -71,7 +71,12 @@ def _resolver(args: argparse.Namespace):
     return hub_resolver(cache=getattr(args, "hub_cache", False))
 
 
-def build_parser() -> argparse.ArgumentParser:
+CORE_COMMANDS = ("merge", "inspect")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; for ``merge`` and ``inspect`` (named first in ``argv``) without the other commands, whose
+    modules (analysis, EMR, zoo, evaluation, bench) a merge does not need to import."""
     parser = argparse.ArgumentParser(prog="python -m merging",
                                      description="Merge fine-tuned checkpoints and explain the merge.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
+    if argv and argv[0] in CORE_COMMANDS:
+        return parser
     for add in _extra_commands():
         add(sub)
     return parser
@@ -113,7 +120,8 @@ def _extra_commands():
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 
-from .emr_store import describe, extract_task, load_emr
-
 
 def _resolver(args: argparse.Namespace):
     try:
@@ -18,6 +16,8 @@ def _resolver(args: argparse.Namespace):
 
 
 def cmd_emr_extract(args: argparse.Namespace) -> int:
+    from .emr_store import extract_task  # torch and the engine, loaded when the command runs
+
     result = extract_task(args.merged_dir, args.task, args.out_dir, base=args.base, overwrite=args.overwrite,
                           max_shard_size=args.max_shard_size, resolver=_resolver(args))
     print(f"task {result.task} ({result.model}, λ = {result.rescaler:.6g}): {result.tensors} tensors "
@@ -26,6 +26,8 @@ def cmd_emr_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_emr_info(args: argparse.Namespace) -> int:
+    from .emr_store import describe, load_emr
+
     with load_emr(args.merged_dir) as emr:
         print(describe(emr))
     return 0

@@ -1,9 +1,10 @@
 """Streaming execution of a merge plan, tensor by tensor.
 
-Per output tensor: read its inputs (the next tensor's inputs are read on a second thread while this one is
-computed), convert to float32 on the chosen device, call the method, convert to the output dtype and hand it to the
-writer (which writes on a third thread). Peak memory is about (inputs × largest tensor) plus the float32 working
-copies of one tensor; no shard is ever buffered. Methods with a reduction get a streaming first pass.
+Per output tensor: read its inputs (read ahead while earlier ones are computed: the next unit from a local disk,
+every input of several upcoming units within a byte budget from the Hub, ``merging.sources.readahead``), convert to
+float32 on the chosen device, call the method, convert to the output dtype and hand it to the writer (which writes
+on a third thread, in order). Peak memory is about (inputs × largest tensor) plus the float32 working copies of one
+tensor and the read-ahead budget; no shard is ever buffered. Methods with a reduction get a streaming first pass.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from .memory import RetainedMemory, reuse_freed_memory
 from .methods.registry import REDUCED, TensorContext
 from .nonfinite import NonFinite
 from .plan import MergePlan, TensorTask, build_plan
+from .reads import UnitReads
 from .resources import check_resources, uses_kernels
 from .safetensors_io import DTYPES
 from .sources import CheckpointSource, open_sources
@@ -117,20 +118,19 @@ def combine(part: dict, combined: dict, concat: tuple[str, ...]) -> None:
             combined[key] = combined[key] + value
 
 
-class Executor:
-    """Runs a plan's tensor tasks over opened sources; shared by merging and analysis."""
+class Executor(UnitReads):
+    """Runs a plan's tensor tasks over opened sources; shared by merging and analysis (reads: ``UnitReads``)."""
 
     def __init__(self, plan: MergePlan, sources: dict[str, CheckpointSource], device: torch.device,
                  progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> None:
+        super().__init__(sources)
         self.plan = plan
-        self.sources = sources
         self.device = device
         self.progress = progress
         self.cancel = cancel or (lambda: False)
         self.memory = RetainedMemory()
         name = plan.config.dtype
         self._load_dtype = DTYPES[SAFETENSORS_DTYPE[name]] if name else None
-        self._held: dict[tuple, tuple] = {}  # (tensor, band) -> inputs kept between a tensor's passes
 
     def bands(self, task: TensorTask, elementwise: bool) -> list[Band]:
         return row_bands(task, elementwise)
@@ -160,14 +160,13 @@ class Executor:
                                                                                     ctx, params))
 
     def prefetched(self, task: TensorTask, bands: list[Band], hold: bool):
-        """(band, (base, models)) of each band for a statistics pass, the next one read on a second thread."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stats-prefetch") as pool:
-            pending = pool.submit(self.held_inputs, task, bands[0], hold)
+        """(band, (base, models)) of each band for a statistics pass, the next ones read ahead (on the running
+        pass's read-ahead, so a band it already asked for is not read again)."""
+        with self.reading():
             for i, band in enumerate(bands):
-                inputs = pending.result()
+                inputs = self.held_inputs(task, band, hold)
                 self.memory.check()
-                if i + 1 < len(bands):
-                    pending = pool.submit(self.held_inputs, task, bands[i + 1], hold)
+                self._ahead.top_up(self._upcoming([(task, b) for b in bands[i + 1:]]))
                 yield band, inputs
 
     def stats_inputs(self, task: TensorTask, base, models, stride: int):
@@ -201,27 +200,8 @@ class Executor:
         elementwise = self.is_elementwise()
         return [(task, band) for task in tasks for band in self.bands(task, elementwise)]
 
-    def held_inputs(self, task: TensorTask, band: tuple[int, int] | None, hold: bool):
-        """A band for a statistics pass: from memory when an earlier pass held it, else read (and held if asked),
-        so that a tensor's later passes and its merge pass do not read it again."""
-        key = (task.name, band)
-        inputs = self._held.get(key)
-        if inputs is None:
-            inputs = self.read_inputs(task, band)
-            if hold:
-                self._held[key] = inputs
-        return inputs
-
-    def unit_inputs(self, task: TensorTask, band: tuple[int, int] | None = None):
-        """A unit's inputs for the merge pass: the statistics passes' held copy when there is one."""
-        held = self._held.pop((task.name, band), None)
-        return held if held is not None else self.read_inputs(task, band)
-
-    def read_inputs(self, task: TensorTask, band: tuple[int, int] | None = None):
-        """The task's tensors (or one row band of them) on the CPU, as stored or in the config's ``dtype``."""
-        base = self.as_loaded(self.sources[task.base.model].read(task.base.name, band)) if task.base else None
-        models = [self.as_loaded(self.sources[r.model].read(r.name, band)) for r in task.inputs]
-        return base, models
+    def read_input(self, task: TensorTask, ref, band: Band) -> torch.Tensor:
+        return self.as_loaded(super().read_input(task, ref, band))
 
     def as_loaded(self, tensor: torch.Tensor) -> torch.Tensor:
         """A float input in the config's ``dtype``, as mergekit loads every input before merging (so a float32
@@ -247,15 +227,14 @@ class Executor:
         total_bytes = sum(t.spec.nbytes for t in tasks) or 1
         done_bytes = done_tensors = 0
         start = time.monotonic()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
-            pending = pool.submit(self.unit_inputs, *units[0]) if units else None
+        with self.reading() as ahead:
             for i, (task, band) in enumerate(units):
                 if self.cancel():
-                    pending.cancel()
                     raise Cancelled("merge cancelled; nothing was written")
-                base, models = pending.result()
+                ahead.top_up(self._upcoming(units[i:i + 1]))  # this unit's reads first, at once
+                base, models = self.unit_inputs(task, band)
                 self.memory.check()
-                pending = pool.submit(self.unit_inputs, *units[i + 1]) if i + 1 < len(units) else None
+                ahead.top_up(self._upcoming(units[j] for j in range(i + 1, len(units))))
                 yield task, band, base, models
                 last = band is None or band[1] == task.spec.shape[0]
                 rows = task.spec.shape[0] if band is not None else 1
@@ -357,7 +336,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
         if disk_check is not None:
             disk_check(estimate.disk)
         executor = Executor(plan, sources, dev, progress, cancel)
-        with OutputFolder(out_dir, overwrite) as tmp:
+        with native.own_cores(uses_kernels(plan.method, dev.type)), OutputFolder(out_dir, overwrite) as tmp:
             after_merge = plan.method.reduce_after_merge and executor.wants_reduction()
             reduced = None if after_merge else executor.reduction()
             outputs = _planned_outputs(plan)

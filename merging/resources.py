@@ -13,6 +13,7 @@ no weights read), following how the engine runs (merging/engine.py, merging/band
                          + 4 B · (k · inputs + FIXED_BUFFERS) )         (float32 copies, results, temporaries)
                 + 4 B · tensor · inputs / sample stride                 (statistics passes' concatenated samples)
                 + the tensor's stored inputs, when at most HOLD_BYTES   (held from its statistics to its merge pass)
+                + the read-ahead budget (MERGESCOPE_READAHEAD) when inputs come from the Hub
                 k = BUFFERS_PER_INPUT[method]: 2 for weighted sums and spherical interpolations, 8 for the
                 sparsifying methods (TIES, DARE, DELLA, breadcrumbs) and any method not listed; with the fused
                 CPU kernels (merging/native) k = 0 and FUSED_BUFFERS replaces FIXED_BUFFERS
@@ -46,6 +47,7 @@ from . import native
 from .bands import HOLD_BYTES, is_elementwise, unit_elements
 from .errors import MergeError
 from .safetensors_io import dtype_size
+from .sources.readahead import window_bytes
 from .writer import parse_size
 
 # float32 buffers per input, by method (measured, see below): plain weighted sums need the input's converted copy
@@ -119,7 +121,21 @@ def estimate_resources(plan, sources: dict | None = None, fused: bool | None = N
                 need += stored
         if need > peak:
             peak, largest = need, task.name
-    return ResourceEstimate(PROCESS_OVERHEAD + peak, _output_bytes(plan) + SIDE_FILE_MARGIN, largest)
+    return ResourceEstimate(PROCESS_OVERHEAD + peak + readahead_bytes(plan, sources),
+                            _output_bytes(plan) + SIDE_FILE_MARGIN, largest)
+
+
+def readahead_bytes(plan, sources: dict | None) -> int:
+    """What the read-ahead may hold on top (``merging.reads``): its budget when a source reads over a network
+    (the Hub), at most every input's stored bytes; nothing extra from local disks (one unit ahead, counted above)."""
+    remote = [ref for ref, src in (sources or {}).items() if getattr(src, "read_concurrency", 1) > 1]
+    if not remote:
+        return 0
+    specs = {ref: sources[ref].specs() for ref in remote}
+    stored = sum(specs[r.model][r.name].nbytes for task in plan.tasks
+                 for r in ([task.base] if task.base else []) + list(task.inputs)
+                 if r.model in specs and r.name in specs[r.model])
+    return min(window_bytes(), stored)
 
 
 def uses_kernels(method, device: str = "cpu") -> bool:

@@ -19,7 +19,7 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("methods", ("merging.methods", "merging.params")),
     ("config", ("merging.config",)),
     ("plan", ("merging.plan", "merging.tasks", "merging.slices", "merging.tokenizers")),
-    ("engine", ("merging.engine", "merging.resources", "merging.writer", "merging.nonfinite")),
+    ("engine", ("merging.engine", "merging.reads", "merging.resources", "merging.writer", "merging.nonfinite")),
     ("library top", ("merging.analysis", "merging.advice", "merging.hub", "merging.zoo", "merging.evaluate",
                      "merging.report", "merging.charts",
                      "merging.bench", "merging.demo", "merging.inspect", "merging.emr_store", "merging.emr_cli",

@@ -156,7 +156,7 @@ def test_kill_9_during_a_streamed_merge_leaves_a_temp_folder_the_next_run_remove
     cfg.write_text(hub_config("acme/base", "acme/ft0", "acme/ft1"))
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MERGESCOPE_HF_ENDPOINT": hub.url}
-    hub.chunk_delay_s = 0.01  # ~13 MB in 64 KB chunks: seconds of streaming
+    hub.chunk_delay_s = 0.1  # ~13 MB in 256 KB chunks, a few requests in flight: seconds of streaming
     try:
         child = subprocess.Popen([sys.executable, "-m", "merging", "merge", str(cfg), str(out)], env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -66,13 +66,16 @@ class AnalysisExecutor(Executor):
         """Sampled tensors are one unit (their rows are read at once); the rest go by the engine's row bands."""
         return [None] if task.name in self.sampled_rows else super().bands(task, elementwise)
 
-    def read_inputs(self, task: TensorTask, band: Band = None):
+    def read_input(self, task: TensorTask, ref, band: Band) -> torch.Tensor:
         rows = self.sampled_rows.get(task.name)
         if rows is None:
-            return super().read_inputs(task, band)
-        base = self.sources[task.base.model].read_rows(task.base.name, rows)
-        models = [self.sources[r.model].read_rows(r.name, rows) for r in task.inputs]
-        return base, models
+            return super().read_input(task, ref, band)
+        return self.sources[ref.model].read_rows(ref.name, rows)
+
+    def unit_bytes(self, task: TensorTask, band: Band) -> int:
+        rows = self.sampled_rows.get(task.name)
+        whole = super().unit_bytes(task, band)
+        return whole if rows is None else whole * len(rows) // task.spec.shape[0]
 
     def inputs(self, task: TensorTask, base: torch.Tensor, models: list[torch.Tensor]):
         """Float32 compute tensors: shared (vocabulary) rows only for whole reads; samples already are."""

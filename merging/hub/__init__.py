@@ -19,13 +19,25 @@
 - Push: ``push_merge`` creates the repo (``exist_ok``) and uploads the finished folder with its model card.
 """
 
+import importlib
+
+# ``preflight`` is both a function and its module's name: bound here, so that importing the module never leaves the
+# module where the function is expected. Push and search load on first use (a local merge needs neither).
 from .ambient import ambient_allowed, drop_ambient_tokens
 from .preflight import ModelSummary, Preflight, preflight
-from .push import hub_model_card, push_merge
 from .refs import DEFAULT_ENDPOINT_ENV, HubRef, parse_ref, resolve_endpoint, resolve_token, scrub
 from .resolver import hub_resolver
-from .search import HubModel, fine_tunes_of, search_models
 
+_LAZY = {"hub_model_card": "push", "push_merge": "push", "HubModel": "search", "fine_tunes_of": "search",
+         "search_models": "search"}
 __all__ = ["DEFAULT_ENDPOINT_ENV", "HubModel", "HubRef", "ModelSummary", "Preflight", "ambient_allowed",
            "drop_ambient_tokens", "fine_tunes_of", "hub_model_card", "hub_resolver", "parse_ref", "preflight",
            "push_merge", "resolve_endpoint", "resolve_token", "scrub", "search_models"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value

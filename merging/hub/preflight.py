@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import MergeConfig, parse_config
 from ..sources import CheckpointSource, open_sources
+from ..sources.readahead import window_bytes
 from .resolver import hub_resolver
 
 
@@ -115,7 +116,7 @@ def preflight(config: MergeConfig | str, token: str | None = None, *, endpoint: 
         side = sum(getattr(ref_src, "side_sizes", {}).values()) or _local_side_bytes(ref_src)
         hub_files = sum(sum(src.weight_files().values()) for ref, src in sources.items() if ref in hub_refs)
         disk = output + side + (hub_files if cache else 0)
-        peak = 2 * peak_stored + peak_f32 + 3 * peak_out
+        peak = 2 * peak_stored + peak_f32 + 3 * peak_out + (min(window_bytes(), from_hub) if from_hub else 0)
         read_s = from_hub / network_bytes_per_s + (total_read - from_hub) / disk_read_bytes_per_s
         est = max(read_s, elements / elements_per_s) + output / disk_write_bytes_per_s
         models = [_summary(ref, src) for ref, src in sources.items()]

@@ -42,6 +42,7 @@ class CheckpointSource(ABC):
     """A checkpoint's tensors, read one at a time."""
 
     label: str  # the reference as the user wrote it
+    read_concurrency: int = 1  # reads worth running at once (a Hub checkpoint: its connection limit)
 
     @abstractmethod
     def specs(self) -> Mapping[str, TensorSpec]:

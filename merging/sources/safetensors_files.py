@@ -40,6 +40,11 @@ class ByteReader(ABC):
     def read_into(self, offset: int, buffer: memoryview) -> None:
         """Fill ``buffer`` with the bytes at ``offset``; raise SourceError if the file is shorter."""
 
+    def read_many(self, parts: list[tuple[int, memoryview]]) -> None:
+        """Fill each (offset, buffer) of ``parts``; a reader over a network sends them at once."""
+        for offset, view in parts:
+            self.read_into(offset, view)
+
     def read_at(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
         self.read_into(offset, memoryview(buf))
@@ -119,6 +124,31 @@ class SafetensorsCheckpoint(CheckpointSource):
         with self._lock:
             self._read_bytes += end - start
         return tensor_from_bytes(info, buf, count)
+
+    def read_rows(self, name: str, indices: list[int]) -> torch.Tensor:
+        """Selected rows (sorted, each once), read into one buffer: one range per run of consecutive rows, every
+        range of the tensor asked for at once (on the Hub, requests in flight together)."""
+        info = self._infos.get(name)
+        rows = sorted(set(indices))
+        if info is None or not info.shape or not rows or rows != sorted(indices) or rows[0] < 0 \
+                or rows[-1] >= info.shape[0]:
+            return super().read_rows(name, indices)  # errors and odd requests as the generic path gives them
+        runs, start = [], rows[0]
+        for prev, row in zip(rows, rows[1:] + [None]):
+            if row != prev + 1:
+                runs.append((start, prev + 1))
+                start = row
+        step = info.row_bytes
+        buf = uninitialized_bytes(len(rows) * step)
+        view, parts, at = writable_view(buf) if buf.numel() else memoryview(b""), [], 0
+        for lo, hi in runs:
+            parts.append((info.start + lo * step, view[at:at + (hi - lo) * step]))
+            at += (hi - lo) * step
+        if step:
+            self._readers[self._where[name]].read_many(parts)
+        with self._lock:
+            self._read_bytes += len(rows) * step
+        return tensor_from_bytes(info, buf, len(rows))
 
     def bytes_read(self) -> int:
         return self._read_bytes

@@ -1,33 +1,33 @@
-"""``python -m merging bench``: our engine against mergekit on the same synthetic llama checkpoints.
+"""``python -m merging bench``: our engine against mergekit on the same synthetic llama checkpoints (local disk).
 
 Writes a base and N fine-tunes (base + small noise) of a llama-shaped model, then runs the same YAML through
 ``python -m merging merge`` and, when installed, ``mergekit-yaml``, each in its own process, several times; prints
 per method the best wall time of each, the ratio, each process's peak resident memory, and whether the outputs
-agree. The floor printed first is the time to read every input once from the page cache.
+agree; then our exact analysis of the same config (``python -m merging analyze --exact``) against our merge: the
+seconds each reports of itself (without the interpreter's start-up) and their peak memory. The floor printed first
+is the time to read every input once from the page cache.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import MergeError
-from .safetensors_io import DTYPE_NAMES, read_local_header, tensor_from_bytes
-from .sources.base import TensorSpec
-from .synthetic import llama_config, llama_shapes
-from .writer import ShardedWriter
+from ..errors import MergeError
+from ..safetensors_io import DTYPE_NAMES, read_local_header, tensor_from_bytes
+from ..sources.base import TensorSpec
+from ..synthetic import llama_config, llama_shapes
+from ..writer import ShardedWriter
 
-DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_ties", "emr")
 METHOD_PARAMS = {
     "linear": {},
     "task_arithmetic": {"lambda": 0.5},
@@ -124,16 +124,31 @@ print(json.dumps({"wall": time.perf_counter() - start, "maxrss": usage.ru_maxrss
 """
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, str]:
-    """Wall seconds, peak resident bytes, return code and stderr tail of one command."""
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, str, str]:
+    """Wall seconds, peak resident bytes, return code, stderr tail and stdout of one command."""
     full = [shutil.which(cmd[0]) or cmd[0], *cmd[1:]]
     done = subprocess.run([sys.executable, "-c", _LAUNCHER, json.dumps(full)], capture_output=True, text=True,
                           env=env)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        return 0.0, 0, done.returncode or 1, done.stderr[-400:]
+        return 0.0, 0, done.returncode or 1, done.stderr[-400:], ""
     result = json.loads(lines[-1])
-    return result["wall"], result["maxrss"], result["rc"], done.stderr[-400:]
+    return result["wall"], result["maxrss"], result["rc"], done.stderr[-400:], "\n".join(lines[:-1])
+
+
+def reported_seconds(stdout: str, pattern: str) -> float | None:
+    """The seconds a command reports of itself (``merged ... in 3.1 s``: without the interpreter's start), or None."""
+    m = re.search(pattern, stdout)
+    return float(m[1]) if m else None
+
+
+def checked(who: str, what: str, measured: tuple) -> tuple:
+    """``measured`` (from ``run_measured``), or the one line saying how the command failed."""
+    rc, err = measured[2], measured[3]
+    if rc != 0:
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        raise MergeError(f"bench: {who} failed on {what} (exit {rc}): {last}")
+    return measured
 
 
 def compare_outputs(ours: Path, theirs: Path) -> str:
@@ -185,7 +200,7 @@ def bench(shape: Shape, methods: list[str], repeat: int, workdir: Path, use_merg
     base, tunes = write_models(workdir / "models", shape)
     floor = read_floor([base, *tunes])
     mergekit = shutil.which("mergekit-yaml") if use_mergekit else None
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "HF_HUB_OFFLINE": "1"}
     rows = []
     for method in methods:
         params = METHOD_PARAMS.get(method, {})
@@ -200,7 +215,7 @@ def bench(shape: Shape, methods: list[str], repeat: int, workdir: Path, use_merg
             if who == "mergekit" and (not mergekit or method in OURS_ONLY):
                 continue
             out = workdir / f"out_{who}_{method}"
-            times, peaks = [], []
+            times, peaks, inner = [], [], []
             for _ in range(repeat):
                 shutil.rmtree(out, ignore_errors=True)
                 os.sync()  # the last run's output is written back now, not during this run's timing
@@ -211,14 +226,17 @@ def bench(shape: Shape, methods: list[str], repeat: int, workdir: Path, use_merg
                            "--out-shard-size", "5B"]
                     if device == "cuda":
                         cmd.append("--cuda")
-                wall, peak, rc, err = run_measured(cmd, env)
-                if rc != 0:
-                    last = err.strip().splitlines()[-1] if err.strip() else ""
-                    raise MergeError(f"bench: {who} failed on {method} (exit {rc}): {last}")
+                wall, peak, _, _, stdout = checked(who, method, run_measured(cmd, env))
                 times.append(wall)
                 peaks.append(peak)
+                inner.append(reported_seconds(stdout, r" in ([0-9.]+) s on ") or wall)
             row[f"{who}_s"] = min(times)
             row[f"{who}_peak_bytes"] = max(peaks)
+            if who == "ours":
+                row["ours_merge_s"] = min(inner)
+        row.update(_analysis_row(cfg, method, repeat, env))
+        row["analysis_ratio"] = row["analysis_s"] / row["ours_merge_s"] if row["ours_merge_s"] else float("nan")
+        row["analysis_memory_ratio"] = row["analysis_peak_bytes"] / row["ours_peak_bytes"]
         if "mergekit_s" in row:
             row["time_ratio"] = row["ours_s"] / row["mergekit_s"]
             row["memory_ratio"] = row["ours_peak_bytes"] / row["mergekit_peak_bytes"]
@@ -230,6 +248,17 @@ def bench(shape: Shape, methods: list[str], repeat: int, workdir: Path, use_merg
     return {"shape": asdict(shape), "parameters_per_model": shape.parameters(), "input_bytes": input_bytes,
             "read_floor_s": floor, "cpu_count": os.cpu_count(), "torch": torch.__version__, "device": device,
             "results": rows}
+
+
+def _analysis_row(cfg: Path, method: str, repeat: int, env: dict) -> dict:
+    """Our exact analysis of the config: best seconds it reports of itself, and its peak resident memory."""
+    seconds, peaks = [], []
+    for _ in range(repeat):
+        cmd = [sys.executable, "-m", "merging", "analyze", str(cfg), "--exact"]
+        _, peak, _, _, stdout = checked("analysis", method, run_measured(cmd, env))
+        seconds.append(reported_seconds(stdout, r" in ([0-9.]+) s, read ") or float("nan"))
+        peaks.append(peak)
+    return {"analysis_s": min(seconds), "analysis_peak_bytes": max(peaks)}
 
 
 def format_table(report: dict) -> str:
@@ -248,38 +277,11 @@ def format_table(report: dict) -> str:
                      f"{r['ours_peak_bytes'] / 1e9:.2f} | "
                      f"{(r['mergekit_peak_bytes'] / 1e9) if 'mergekit_peak_bytes' in r else float('nan'):.2f} | "
                      f"{fmt('memory_ratio', '{:.3f}')} | {r.get('outputs_agree', '–')} |")
+    lines += ["", "our exact analysis (`analyze --exact`) against our merge of the same config, each without "
+              "start-up:",
+              "| method | merge (s) | exact analysis (s) | analysis / merge | analysis peak RSS (GB) "
+              "| memory ratio |", "|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['method']} | {r['ours_merge_s']:.2f} | {r['analysis_s']:.2f} | {r['analysis_ratio']:.2f} "
+                     f"| {r['analysis_peak_bytes'] / 1e9:.2f} | {r['analysis_memory_ratio']:.2f} |")
     return "\n".join(lines)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    shape = Shape(args.hidden, args.intermediate, args.layers, args.vocab, args.models, args.dtype)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    from .methods import REGISTRY
-
-    unknown = [m for m in methods if m not in REGISTRY]
-    if unknown:
-        raise MergeError(f"--methods: unknown method(s) {', '.join(unknown)}")
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir()) / "mergescope-bench"
-    workdir.mkdir(parents=True, exist_ok=True)
-    report = bench(shape, methods, args.repeat, workdir, not args.no_mergekit, args.device)
-    print(format_table(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("bench", help="time our merges against mergekit on synthetic llama checkpoints")
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=5632)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--models", type=int, default=3, help="fine-tunes besides the base")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
-    p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--workdir", default=None, help="where checkpoints and outputs go (reused between runs)")
-    p.add_argument("--no-mergekit", action="store_true", help="time only our engine")
-    p.add_argument("--json", default=None, help="also write the figures as JSON")
-    p.set_defaults(func=cmd_bench)

@@ -1,7 +1,9 @@
-"""The fake Hub's repos: folders on disk served as revisions, and what the Hub's API says about their files."""
+"""The loopback Hub's repos (merging.hub.loopback): folders on disk served as revisions, and what the Hub's API says
+about their files."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
@@ -50,12 +52,27 @@ def file_names(folder: Path) -> list[str]:
 
 
 def blob_oid(path: Path) -> str:
-    data = path.read_bytes()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    return _digest(path, "git")
 
 
 def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return _digest(path, "sha256")
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_digest(path: Path, kind: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha1(b"blob %d\0" % size) if kind == "git" else hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _digest(path: Path, kind: str) -> str:
+    """A file's git blob id or sha256, computed once per version of the file (the ETag of every request for it:
+    hashing a 200 MB shard per range request would cost more than serving it)."""
+    st = path.stat()
+    return _cached_digest(Path(path), kind, st.st_size, st.st_mtime_ns)
 
 
 def safetensors_parameters(folder: Path) -> dict[str, int]:
