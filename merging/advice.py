@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import statistics
 from typing import Any
 
@@ -279,9 +280,14 @@ def _outlier_groups(v: _View) -> dict | None:
     return _finding("outlier_group", text, ratio, "warn")
 
 
+# notes that only describe (every input the same architecture) are not findings
+_NOT_A_WARNING = re.compile(r"architectures: all \d+ models are ")
+
+
 def _warnings(stats: dict, report: dict | None) -> list[dict]:
     notes = list((stats.get("meta") or {}).get("notes") or [])
     notes += [n for n in (report or {}).get("notes") or [] if n not in notes]
+    notes = [n for n in notes if not _NOT_A_WARNING.match(n)]
     out = [_finding("note", f"Note: {n}", None, "warn") for n in notes][:2]
     names = {t.get("name") for t in stats.get("tensors") or []}
     if any("embed_tokens" in n for n in names) and not any(n and "lm_head" in n for n in names):

@@ -165,13 +165,16 @@ def _module_members(config: MergeConfig, names: list[str], layers: Layers) -> li
 
 def _check_families(planner: Planner) -> None:
     """Every input's architecture in the notes; different ones refused unless ``allow_crimes``."""
-    described, seen = [], {}
+    described, seen = {}, {}
     for ref in planner.config.model_refs():
         cfg = read_json_file(planner.sources[ref], "config.json")
-        described.append(f"`{ref}`: {describe_family(cfg)}")
+        described[ref] = describe_family(cfg)
         if family(cfg) is not None:
             seen.setdefault(family(cfg), ref)
-    planner.report.notes.append("architectures: " + "; ".join(described))
+    if len(described) > 1 and len(set(described.values())) == 1:  # one line, not the same words once a model
+        planner.report.notes.append(f"architectures: all {len(described)} models are {next(iter(described.values()))}")
+    else:
+        planner.report.notes.append("architectures: " + "; ".join(f"`{r}`: {d}" for r, d in described.items()))
     if len(seen) > 1:
         mix = ", ".join(f"{fam} ({ref})" for fam, ref in seen.items())
         if planner.config.allow_crimes:
