@@ -251,7 +251,7 @@ def _emr(v: _View) -> dict | None:
     emr = v.whole.get("emr") or {}
     density = [_rate(r) for r in emr.get("mask_density") or []]
     error = _clean((emr.get("reconstruction_error") or {}).get("masked_rescaled"))
-    if not density or None in density or not error:
+    if len(density) < 2 or None in density or not error:  # one fine-tune: EMR would give it back, nothing to say
         return None
     text = (f"EMR would keep {_pct(min(density))}–{_pct(max(density))} of each task's entries (mask density) and "
             f"rebuild each fine-tune at {_g(min(error))}–{_g(max(error))} × ‖τ_i‖ from it")
