@@ -229,7 +229,8 @@ def _check_model_count(method: MergeMethod, n: int, source: str) -> None:
 
 
 def input_entries(config: MergeConfig, method: MergeMethod) -> list[ModelEntry]:
-    """The models a method combines: for methods built on a base, every model except the base itself."""
-    if method.base == "required":
+    """The models a method combines: for methods built on a base (or that keep an optional base apart,
+    ``separate_base``), every model except the base itself."""
+    if method.base == "required" or method.separate_base:
         return [m for m in config.models if m.model != config.base_model]
     return list(config.models)

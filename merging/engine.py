@@ -23,11 +23,12 @@ from .config import MergeConfig
 from .errors import Cancelled, MergeError
 from .memory import RetainedMemory, reuse_freed_memory
 from .methods.registry import REDUCED, TensorContext
-from .plan import MergePlan, TensorTask, build_plan
+from .plan import MergePlan, TensorTask, build_plan, layer_index
 from .resources import check_resources, uses_kernels
 from .safetensors_io import DTYPES
 from .sources import CheckpointSource, open_sources
 from .sources.base import TensorSpec
+from .whole_model import model_statistics
 from .writer import OutputFolder, ShardedWriter, parse_size, write_side_files
 
 
@@ -127,6 +128,7 @@ class Executor:
         self.cancel = cancel or (lambda: False)
         self.memory = RetainedMemory()
         self._held: dict[tuple, tuple] = {}  # (tensor, band) -> inputs kept between a tensor's passes
+        self.model_stats = None  # the method's whole-model statistics (merging.whole_model), once gathered
 
     def bands(self, task: TensorTask, elementwise: bool) -> list[Band]:
         return row_bands(task, elementwise)
@@ -186,7 +188,8 @@ class Executor:
 
     def context(self, task: TensorTask, band, reduced, stats) -> TensorContext:
         return TensorContext(task.name, self.plan.config.seed, reduced, task.model_names, band=band,
-                             shape=task.spec.shape, stats=stats)
+                             shape=task.spec.shape, stats=stats, model_stats=self.model_stats,
+                             layer=layer_index(task.name), num_layers=self.plan.num_layers)
 
     def units(self, tasks: list[TensorTask]) -> list[tuple[TensorTask, tuple[int, int] | None]]:
         """Split the work: row bands of about BAND_ELEMENTS for element-wise methods and copies, else whole tensors.
@@ -315,9 +318,14 @@ class Executor:
         if not self.wants_reduction():
             return None
         merge_tasks = [t for t in self.plan.tasks if not t.copy]
-        total = None
+        total = stats = None
+        wants_stats = self.plan.method.reduce_stats
         for task, band, base, models in self.stream(merge_tasks, "reduce", banded=True):
-            part = self.compute(task, base, models, reducing=True, band=band).to(torch.float64)
+            if band is None or band[0] == 0:  # a tensor starts: its statistics, if its reduction needs the merge
+                stats = None
+                if wants_stats is not None and wants_stats(task.params):
+                    stats = self.tensor_stats(task, None, first=(band, (base, models)))
+            part = self.compute(task, base, models, reducing=True, band=band, stats=stats).to(torch.float64)
             total = part if total is None else total + part
         return total
 
@@ -341,6 +349,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
         check_resources(plan, out_dir, sources, uses_kernels(plan.method, dev.type))
         executor = Executor(plan, sources, dev, progress, cancel)
         with OutputFolder(out_dir, overwrite) as tmp:
+            model_statistics(executor)
             after_merge = plan.method.reduce_after_merge and executor.wants_reduction()
             reduced = None if after_merge else executor.reduction()
             outputs = _planned_outputs(plan)

@@ -18,7 +18,7 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("methods", ("merging.methods", "merging.params")),
     ("config", ("merging.config",)),
     ("plan", ("merging.plan",)),
-    ("engine", ("merging.engine", "merging.resources", "merging.writer")),
+    ("engine", ("merging.engine", "merging.resources", "merging.writer", "merging.whole_model")),
     ("library top", ("merging.analysis", "merging.hub", "merging.zoo", "merging.evaluate", "merging.report",
                      "merging.charts",
                      "merging.bench", "merging.demo", "merging.inspect", "merging.emr_store", "merging.emr_cli",

@@ -18,6 +18,7 @@ from ..methods.registry import TensorContext
 from ..plan import MergePlan, TensorTask, build_plan
 from ..safetensors_io import DTYPES
 from ..sources import CheckpointSource, open_sources
+from ..whole_model import model_statistics
 from .figures import StatsContext, figures, finite_list, model_labels
 from .reader import (
     DEFAULT_SAMPLE_FRACTION,
@@ -92,6 +93,7 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], request:
     executor = AnalysisExecutor(plan, sources, pick_device(request.device), request.progress, request.cancel,
                                 sampled_rows=rows)
     read_before = _bytes_read(sources)
+    model_statistics(executor)  # e.g. TIES' global top-k threshold (`topk_scope: model`), before anything else
     passes = 2 if _needs_reduction(executor) else 1
     reduced = _reduction(executor, tasks) if passes == 2 else None
     per_tensor, several_outputs = _sum_tensors(executor, tasks, reduced)
