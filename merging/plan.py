@@ -154,6 +154,11 @@ def _plan_slices(config: MergeConfig, method: MergeMethod, sources: dict[str, Ch
             report.missing.append(f"{in_of(lead)} (in {lead.model})")
             return
         out_spec = _output_spec(lead_spec, config)
+        if passthrough and lead_spec.is_float:
+            params = resolve(method, config.parameters, [lead.parameters], out_name, t)
+            if params.get("scale", [None])[0] is not None:  # mergekit's `scale`: computed, not copied
+                tasks.append(TensorTask(out_name, out_spec, None, [TensorRef(lead.model, in_of(lead))], params))
+                return
         if passthrough or not lead_spec.is_float:
             tasks.append(TensorTask(out_name, out_spec, TensorRef(lead.model, in_of(lead)), [], copy=True))
             return

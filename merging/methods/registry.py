@@ -42,6 +42,8 @@ class Param:
     def check(self, value: Any, where: str) -> Any:
         """Validate one scalar value; returns it converted to the parameter's type."""
         value = self.normalized(value)
+        if value is None and self.default is None:  # an optional parameter left unset (passthrough's `scale`)
+            return None
         if self.type is bool:
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}: `{self.name}` must be true or false, got {value!r}")
