@@ -25,6 +25,7 @@ from .registry import StatsPass
 
 SAMPLE_STRIDE = 61
 MAX_MODELS = 64
+MARGIN_SIGMAS, MARGIN_RANKS = 4.0, 8  # the bracket's half-width in sample ranks: 4 standard deviations + 8
 
 
 def _magnitudes(base: torch.Tensor, models: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -55,7 +56,7 @@ def global_topk_passes(ranks: Callable[[dict, int, int], int], key: str = "globa
                 out.append({"rank": rank, "lo": -math.inf, "hi": math.inf, "done": -math.inf})
                 continue
             r = rank * m / total
-            margin = 4.0 * math.sqrt(max(r * (1 - r / m), 1.0)) + 8
+            margin = MARGIN_SIGMAS * math.sqrt(max(r * (1 - r / m), 1.0)) + MARGIN_RANKS
             hi_rank, lo_rank = int(r - margin), int(math.ceil(r + margin))
             hi = math.inf if hi_rank < 1 else _largest(s, hi_rank)
             lo = -1.0 if lo_rank > m else _largest(s, lo_rank)
