@@ -149,7 +149,7 @@ def test_nan_layer_scope_sums_norms_per_block(tmp_path):
                  {"coefficients": "nan", "nan_scope": "layer", "nan_on": "task_vector"})
     floats = [n for n in base if base[n].is_floating_point()]
     groups = {g: [n for n in floats if _group(n) == g] for g in {_group(n) for n in floats}}
-    for g, names in groups.items():
+    for names in groups.values():
         inverse = [1 / math.sqrt(sum(float((t[n] - base[n]).double().square().sum()) for n in names)) for t in tunes]
         alphas = [x / sum(inverse) for x in inverse]
         for n in names:

@@ -11,7 +11,8 @@ the official TIES code does (``kthvalue`` on the flattened task vector, then ``>
 3. if a bracket missed (the sample was unlucky: rare), one more pass collects every element on the side where v_i
    lies and selects there, so the answer is always exact.
 
-``ctx.model_stats[key]`` after them is the list of thresholds, one per model (−inf keeps everything).
+``ctx.model_stats[key]`` after them is the list of thresholds, one per model (−inf keeps everything). Other
+element-wise scores than |τ_i| can be ranked the same way (``score``): PCB-Merging's whole-model quantiles.
 """
 
 from __future__ import annotations
@@ -38,12 +39,16 @@ def _largest(values: torch.Tensor, rank: int) -> float:
 
 
 def global_topk_passes(ranks: Callable[[dict, int, int], int], key: str = "global",
-                       needed: Callable[[dict], bool] | None = None) -> tuple[StatsPass, ...]:
-    """Whole-model statistics passes giving ``model_stats[key]``: per model the exact ``ranks(params, i, D)``-th
-    largest |τ_i| over the whole model (a rank ≥ D, or ≤ 0, keeps everything: −inf)."""
+                       needed: Callable[[dict], bool] | None = None,
+                       score: Callable[..., list[torch.Tensor]] | None = None) -> tuple[StatsPass, ...]:
+    """Whole-model statistics passes giving ``model_stats[key]``: per entry i the exact ``ranks(params, i, D)``-th
+    largest value over the whole model (a rank ≥ D, or ≤ 0: −inf). The entries are |τ_i| per model, or what
+    ``score(base, models, params, ctx)`` returns: a list of flat tensors computed element by element (it may read
+    ``ctx.model_stats``: an earlier threshold), several entries per model if need be."""
+    values = score or (lambda base, models, params, ctx: _magnitudes(base, models))
 
     def sample(base, models, params, ctx):
-        return {f"s{i}": a for i, a in enumerate(_magnitudes(base, models))}
+        return {f"s{i}": a.reshape(-1) for i, a in enumerate(values(base, models, params, ctx))}
 
     def brackets(combined, params, ctx):
         total = math.prod(ctx.shape)
@@ -52,20 +57,21 @@ def global_topk_passes(ranks: Callable[[dict, int, int], int], key: str = "globa
             s = combined[f"s{i}"]
             m = s.numel()
             rank = ranks(params, i, total)
-            if rank <= 0 or rank >= total or m == 0:
+            if rank <= 0 or rank > total or m == 0 or (rank == total and score is None):
                 out.append({"rank": rank, "lo": -math.inf, "hi": math.inf, "done": -math.inf})
                 continue
             r = rank * m / total
             margin = MARGIN_SIGMAS * math.sqrt(max(r * (1 - r / m), 1.0)) + MARGIN_RANKS
             hi_rank, lo_rank = int(r - margin), int(math.ceil(r + margin))
             hi = math.inf if hi_rank < 1 else _largest(s, hi_rank)
-            lo = -1.0 if lo_rank > m else _largest(s, lo_rank)
+            lo = -math.inf if lo_rank > m else _largest(s, lo_rank)
             out.append({"rank": rank, "lo": lo, "hi": hi, "done": None})
         return _published({**(ctx.model_stats or {}), f"{key}_brackets": out}, key)
 
     def count(base, models, params, ctx):
         part = {}
-        for i, a in enumerate(_magnitudes(base, models)):
+        for i, a in enumerate(values(base, models, params, ctx)):
+            a = a.reshape(-1)
             b = ctx.model_stats[f"{key}_brackets"][i]
             if b["done"] is not None:
                 continue
@@ -93,7 +99,8 @@ def global_topk_passes(ranks: Callable[[dict, int, int], int], key: str = "globa
 
     def fallback_count(base, models, params, ctx):
         part = {}
-        for i, a in enumerate(_magnitudes(base, models)):
+        for i, a in enumerate(values(base, models, params, ctx)):
+            a = a.reshape(-1)
             b = ctx.model_stats[f"{key}_brackets"][i]
             if b["done"] is None:
                 part[f"c{i}"] = a[a > b["edge"]] if b["side"] == "above" else a[a < b["edge"]]
