@@ -29,6 +29,7 @@ from .reader import (
     tensor_rows,
 )
 from .schema import SCHEMA_VERSION
+from .spectral import attach, tensor_spectrum
 from .sums import TensorSums, tensor_sums
 from .trim import DEFAULT_TRIM_DENSITY, Trim, tensor_cuts, trim_densities, trims_by_config
 
@@ -96,7 +97,7 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], request:
     model_statistics(executor)  # e.g. TIES' global top-k threshold (`topk_scope: model`), before anything else
     passes = 2 if _needs_reduction(executor) else 1
     reduced = _reduction(executor, tasks) if passes == 2 else None
-    per_tensor, several_outputs = _sum_tensors(executor, tasks, reduced)
+    per_tensor, several_outputs, spectra = _sum_tensors(executor, tasks, reduced)
     bytes_read = _bytes_read(sources) - read_before
     if several_outputs:
         notes.append(f"{plan.method.name} writes several tensors per input tensor: no merged-distance statistics")
@@ -104,6 +105,7 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], request:
     sampled = fraction < 1
     ctx = _stats_context(plan, tasks, whole, sampled)
     stats = figures(per_tensor, whole, ctx)
+    attach(stats, spectra)
     meta = {
         "mode": "sampled" if sampled else "exact",
         "sample_fraction": fraction if sampled else None,
@@ -163,13 +165,15 @@ def _reduction(executor: AnalysisExecutor, tasks: list[TensorTask]) -> torch.Ten
     return total
 
 
-def _sum_tensors(executor: AnalysisExecutor, tasks: list[TensorTask],
-                 reduced: torch.Tensor | None) -> tuple[list[tuple[TensorTask, TensorSums]], bool]:
+def _sum_tensors(executor: AnalysisExecutor, tasks: list[TensorTask], reduced: torch.Tensor | None
+                 ) -> tuple[list[tuple[TensorTask, TensorSums]], bool, dict[str, dict | None]]:
     """Every tensor's sums, unit by unit as the engine streams them, band by band like a merge (whole-tensor
-    quantities, the trim's and the method's top-k cuts, come from the statistics passes first, so a banded tensor
-    is never held whole); and whether the method wrote several tensors per input (then no merged distance)."""
+    quantities, the trim's and the method's top-k cuts, a randomized SVD's sketches, come from the statistics
+    passes first, so a banded tensor is never held whole); whether the method wrote several tensors per input (then
+    no merged distance); and each 2-D tensor's spectral diagnostics (``spectral``)."""
     method = executor.plan.method
     per_tensor: list[tuple[TensorTask, list[TensorSums]]] = []
+    spectra: dict[str, dict | None] = {}
     several_outputs = False
     stats = cuts = None
     for task, band, base, inputs in executor.stream(tasks, "analyze", banded=True):
@@ -179,11 +183,13 @@ def _sum_tensors(executor: AnalysisExecutor, tasks: list[TensorTask],
             stats = executor.tensor_stats(task, reduced, first=first) if method.stats else None
             densities = trim_densities(method, task.params, len(inputs))
             cuts = tensor_cuts(executor, task, reduced, densities, stats, first)
+            spectra[task.name] = tensor_spectrum(executor, task, reduced, band, base, inputs,
+                                                 executor.plan.config.seed)
         ctx = executor.context(task, band, reduced, stats)
         sums, several = _unit_sums(executor, task, band, base, inputs, ctx, Trim(cuts, ctx))
         several_outputs |= several
         per_tensor[-1][1].append(sums)
-    return [(task, TensorSums.add(units)) for task, units in per_tensor], several_outputs
+    return [(task, TensorSums.add(units)) for task, units in per_tensor], several_outputs, spectra
 
 
 def _unit_sums(executor: AnalysisExecutor, task: TensorTask, band, base, inputs, ctx: TensorContext,
