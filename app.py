@@ -26,17 +26,37 @@ from merging.writer import parse_size
 TITLE = "Mergescope: merge fine-tuned models, and see why it works"
 INTRO = """# Mergescope
 Merge fine-tuned checkpoints of one base model, and see **where they agree and where they fight** before you
-merge: sign conflicts, task-vector norms and similarity, NAN coefficients, per layer. The demo models are already
-picked: press **Analyze**, then **Merge**."""
+merge: sign conflicts, task-vector norms and similarity, NAN coefficients, per layer, what they mean, and which
+merge to try. The demo models are already picked: press **Analyze**, then **Apply** and **Merge**."""
 CSS = """
 #config-yaml .cm-editor { font-size: 12px; }
-.gradio-container { max-width: 1400px !important; }
-"""
+/* clip, not hidden: no scroll box of its own, so the merge bar can stick to the window */
+.gradio-container { max-width: 1400px !important; overflow: clip !important; }
+.param-row, .param-row .form { flex-wrap: wrap !important; }
+.param-row > *, .param-row .form > * { flex: 1 1 150px !important; min-width: 150px !important; }
+#hub-search { flex-wrap: wrap !important; }
+.status-error { color: #991b1b; background: #fef2f2; border-left: 3px solid #b91c1c; padding: 6px 10px;
+                border-radius: 4px; overflow-wrap: anywhere; }
+.status-error code { color: inherit; }
+.findings { max-height: 9em; overflow-y: auto; }
+.findings ul { margin-top: 0; }
+.caption { font-size: 0.9em; opacity: 0.85; }
+table.merge-files td:first-child { overflow-wrap: anywhere; }
+.model-row, .model-row .form { flex-wrap: nowrap !important; }
+.model-row .form { min-width: 0 !important; }
+.model-row .form > * { min-width: 76px !important; }
+.model-row input[type=number] { padding-left: 6px !important; padding-right: 2px !important; }
+.model-row .form > *:first-child { min-width: 100px !important; }
+.model-row > .remove-model { min-width: 32px !important; max-width: 40px; align-self: center; padding: 4px !important; }
+#merge-bar { position: sticky; bottom: 0; z-index: 20; background: var(--background-fill-primary);
+             box-shadow: 0 -4px 8px -6px rgba(0, 0, 0, 0.3); padding: 6px 0 2px 0; }
+#merge-status { max-height: 4.5em; overflow-y: auto; }
+""" + analysis_panel.CSS
 
 
 def build_app(settings: AppSettings | None = None, sessions: SessionStore | None = None,
               demo: DemoModels | None = None) -> gr.Blocks:
-    """The whole page: models, method, YAML and merge on the left; the diagnostics charts on the right."""
+    """The whole page: models, method and YAML on the left; diagnostics, what they mean, and merge on the right."""
     settings = settings if settings is not None else AppSettings.from_env()
     sessions = sessions if sessions is not None else SessionStore()
     demo = demo if demo is not None else ensure_demo_models()
@@ -44,30 +64,33 @@ def build_app(settings: AppSettings | None = None, sessions: SessionStore | None
     # Gradio's own cache (uploads, copies it makes) is swept hourly of files older than a day.
     with gr.Blocks(title=TITLE, delete_cache=(3600, 86400)) as app:
         gr.Markdown(INTRO)
-        with gr.Row():
-            with gr.Column(scale=5):
-                gr.Markdown("### 1 · Models")
+        # Reading order, in the DOM and on screen: Models → Method on the left (or first, on a phone), then
+        # Diagnostics → Merge on the right, so Merge sits right under what the diagnostics said.
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=340):
+                gr.Markdown("### 1 · Models", elem_id="h-models")
                 picker = model_picker.build_model_picker(demo, settings)
-                gr.Markdown("### 2 · Method")
+                gr.Markdown("### 2 · Method", elem_id="h-method")
                 form = method_form.build_method_form(demo)
                 method_form.build_yaml_view(form, method_form.initial_yaml(demo))
                 pre_button, pre_out = preflight.build_preflight_panel()
-                gr.Markdown("### 4 · Merge")
-                merge = merge_panel.build_merge_panel(settings)
-            with gr.Column(scale=6):
-                gr.Markdown("### 3 · Diagnostics")
+            with gr.Column(scale=6, min_width=340):
+                gr.Markdown("### 3 · Diagnostics", elem_id="h-diagnostics")
                 analysis = analysis_panel.build_analysis_panel()
-        gr.Markdown("### 5 · Check the merged model")
+                gr.Markdown("### 4 · Merge", elem_id="h-merge")
+                merge = merge_panel.build_merge_panel(settings)
+        gr.Markdown("### 5 · Check the merged model", elem_id="h-check")
         evaluation = eval_panel.build_eval_panel()
         learn_panel.build_learn_panel()
         api.build_api(settings, sessions)
 
         config_form = method_form.ConfigForm(picker, form)
-        resync_form = method_form.wire_method_form(config_form)
-        model_picker.wire_model_picker(picker, settings, sessions, demo, resync_form)
-        preflight.wire_preflight(pre_button, pre_out, form.yaml, settings, sessions)
-        analysis_panel.wire_analysis_panel(analysis, form.yaml, settings, sessions)
-        merge_panel.wire_merge_panel(merge, form.yaml, settings, sessions)
+        method_form.wire_method_form(config_form)
+        method_form.wire_model_list(config_form)
+        model_picker.wire_model_picker(picker, settings, sessions, demo)
+        preflight.wire_preflight(pre_button, pre_out, config_form, settings, sessions)
+        analysis_panel.wire_analysis_panel(analysis, config_form, settings, sessions)
+        merge_panel.wire_merge_panel(merge, config_form, settings, sessions)
         eval_panel.wire_eval_panel(evaluation, merge.out_dir, settings, sessions)
 
         def end_session(request: gr.Request) -> None:

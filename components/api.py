@@ -2,7 +2,7 @@
 
     from gradio_client import Client
     client = Client("http://127.0.0.1:7860/")
-    stats = client.predict(open("merge.yml").read(), api_name="/analyze")            # the statistics (JSON)
+    stats = client.predict(open("merge.yml").read(), api_name="/analyze")  # the statistics (JSON) and "advice"
     files, archive, summary = client.predict(open("merge.yml").read(), api_name="/merge")
     report = client.predict(open("merge.yml").read(), api_name="/evaluate")          # the check's report (JSON)
 
@@ -37,10 +37,14 @@ def build_api(settings: AppSettings, sessions: SessionStore) -> None:
 
     @user_errors
     def analyze(config_yaml: str, request: gr.Request, oauth_token: gr.OAuthToken | None = None) -> dict:
-        """Diagnostics of a merge config: per-layer sign conflicts, task-vector norms, similarity, NAN... as JSON."""
+        """Diagnostics of a merge config: per-layer sign conflicts, task-vector norms, similarity, NAN... as JSON,
+        with ``advice``: findings and a recommended merge (``merging.advice``)."""
         session = sessions.get(request.session_hash)
         config = load_config(config_yaml, settings, [session.folder])
-        return analyze_config(config, settings, token=hf_token(oauth_token))
+        from merging.advice import advise
+
+        stats = analyze_config(config, settings, token=hf_token(oauth_token))
+        return {**stats, "advice": advise(stats)}
 
     @user_errors
     def merge(config_yaml: str, request: gr.Request, oauth_token: gr.OAuthToken | None = None):

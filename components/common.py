@@ -1,15 +1,19 @@
-"""What every panel shares: the error decorator, the app's settings, parsing the YAML, opening the Hub.
+"""What every panel shares: how errors are shown, the app's settings, parsing the YAML, opening the Hub.
 
-Handlers are thin: they parse the YAML config, call one function of ``merging``, and format the result. Library
-errors (``MergeError``) become ``gr.Error`` messages the user can act on; anything else is a bug, logged with its
-traceback on the server and shown as one line in the page.
+Handlers are thin: they parse the YAML config, call one function of ``merging``, and format the result. On the page
+a failure is shown in the panel where it happened, in its status line, and stays there (``failure``): a library
+error (``MergeError``) in the words of the CLI's ``error:`` line, logged on the server as one line; anything else
+is a bug, logged with its traceback and shown as one line. The API endpoints raise instead (``user_errors``:
+``gr.Error``, which gradio_client reports), logged the same way.
 """
 
 import functools
+import html
 import inspect
 import ipaddress
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +27,38 @@ from merging.errors import ConfigError, MergeError
 log = logging.getLogger("mergescope.app")
 
 
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def error_html(message: str) -> str:
+    """A status line for a failure: ``error: <message>`` as the CLI prints it, quotes kept, `code` as code, nothing
+    else read as Markdown or HTML."""
+    parts = re.split(r"`([^`]+)`", one_line(message))
+    body = "".join(f"<code>{html.escape(p)}</code>" if i % 2 else html.escape(p) for i, p in enumerate(parts))
+    return f'<div class="status-error" role="alert">error: {body}</div>'
+
+
+def failure(where: str, exc: Exception) -> str:
+    """The status line of a failed action in panel ``where``; user errors logged as one line, bugs with traceback."""
+    if isinstance(exc, MergeError):
+        log.info("%s: %s", where, one_line(str(exc)))
+        return error_html(str(exc))
+    log.exception("internal error in %s", where)
+    return error_html(f"internal error ({type(exc).__name__}: {exc}); the server log has the details")
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn MergeError into gr.Error (its one-line message) and bugs into a one-line gr.Error; keeps the signature
-    (Gradio reads it for gr.Progress, gr.Request and gr.OAuthToken parameters) and generator-ness."""
+    """For API endpoints: MergeError becomes gr.Error (its one-line message, logged as one line) and bugs a one-line
+    gr.Error; keeps the signature (Gradio reads it for gr.Progress, gr.Request and gr.OAuthToken parameters) and
+    generator-ness."""
 
     def translate(exc: Exception) -> gr.Error:
         if isinstance(exc, gr.Error):
-            return exc
+            log.info("%s: %s", fn.__name__, one_line(exc.message))
+            return gr.Error(exc.message, print_exception=False)
         if isinstance(exc, MergeError):
+            log.info("%s: %s", fn.__name__, one_line(str(exc)))
             return gr.Error(str(exc), print_exception=False)
         log.exception("internal error in %s", fn.__name__)
         return gr.Error(f"internal error ({type(exc).__name__}: {exc}); the server log has the details",
@@ -65,7 +93,7 @@ class AppSettings:
     archive_limit_bytes: int = 2 * 1024 ** 3  # build a zip of all outputs only below this size
     merge_concurrency: int = 1
     sample_threshold_bytes: int = 2 * 1024 ** 3  # analyses of bigger inputs are sampled by default
-    tensor_delay_s: float = 0.0  # test-only throttle: seconds slept after each merged tensor (see tests)
+    tensor_delay_s: float = 0.0  # test-only throttle: seconds slept after each merged or analyzed tensor
 
     @classmethod
     def from_env(cls, *, host: str | None = None, share: bool = False, **overrides: Any) -> "AppSettings":
@@ -155,6 +183,13 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def progress_text(p: Any, verb: str = "merging") -> str:
+    """'merging: 12/57 tensors · 1.2 MB of 3.4 MB · 3 s left' from an engine Progress (merge or analysis)."""
+    phase = "reduction pass" if getattr(p, "phase", "") == "reduce" else verb
+    return (f"{phase}: {p.tensors_done}/{p.tensors_total} tensors · {human_bytes(p.bytes_done)} of "
+            f"{human_bytes(p.bytes_total)} · {human_seconds(p.eta_s)} left")
 
 
 def human_seconds(s: float | None) -> str:

@@ -16,7 +16,7 @@ import gradio as gr
 from merging.config import MergeConfig
 from merging.errors import Cancelled, MergeError
 
-from .common import AppSettings, user_errors
+from .common import AppSettings, error_html, failure
 from .merge_panel import gpu_task
 from .sessions import Session, SessionStore
 
@@ -96,23 +96,28 @@ def wire_eval_panel(panel: EvalPanel, out_dir: gr.State, settings: AppSettings, 
     outputs = [panel.status, panel.chart, panel.caption, panel.table, panel.continuations, panel.report_file]
 
     @gpu_task
-    @user_errors
-    def check(folder: str | None, request: gr.Request, progress=gr.Progress()):  # noqa: B008 - Gradio's progress
+    def check(folder: str | None, previous_report, request: gr.Request,
+              progress=gr.Progress()):  # noqa: B008 - Gradio's way of asking for a progress bar
+        """Errors stay in this panel's status line (the CLI's words); the previous check's results stay, marked."""
         import json
 
         from merging.evaluate.report import jsonable
 
+        def kept(status: str) -> tuple:
+            marked = status + ("\n\nThe results below are from the previous check." if previous_report else "")
+            return (marked, *([gr.skip()] * (len(outputs) - 1)))
+
         if not folder:
-            raise gr.Error("Merge first: there is no merged model to check yet")
-        session = sessions.get(request.session_hash)
-        progress(0, desc="loading the merged model")
+            return kept(error_html("Merge first: there is no merged model to check yet"))
         try:
+            session = sessions.get(request.session_hash)
+            progress(0, desc="loading the merged model")
             report = check_in_session(folder, session, settings,
                                       progress=lambda fraction, text: progress(fraction, desc=text))
         except Cancelled:
-            gr.Info("Check cancelled.")
-            return ("**Cancelled:** the check stopped.", gr.update(value=None, visible=False), "", "", "",
-                    gr.update(value=None, visible=False))
+            return kept("**Cancelled:** the check stopped.")
+        except Exception as exc:  # noqa: BLE001 - shown where it happened (failure() logs bugs with their traceback)
+            return kept(failure("check", exc))
         status, figure, caption, table, conts = views(report)
         path = session.new_dir("check").with_suffix(".json")
         path.write_text(json.dumps(jsonable(report), indent=1))
@@ -123,6 +128,7 @@ def wire_eval_panel(panel: EvalPanel, out_dir: gr.State, settings: AppSettings, 
         sessions.get(request.session_hash).cancel.set()
         return "Cancelling at the next window…"
 
-    panel.button.click(check, out_dir, outputs, concurrency_id="merge", concurrency_limit=settings.merge_concurrency,
+    panel.button.click(check, [out_dir, panel.report_file], outputs, concurrency_id="merge",
+                       concurrency_limit=settings.merge_concurrency,
                        api_visibility="private")
     panel.cancel.click(cancel, None, panel.status, queue=False, api_visibility="private", show_progress="hidden")

@@ -7,7 +7,10 @@ Nothing here imports Gradio, so the round trip is unit-tested without a browser 
   form cannot show survive (``slices``, ``tokenizer_source``, per-layer lists, filters, keys of later versions).
 - ``form_from_config(data, current)``: the state the form shows for a config, and notes on what it cannot show.
 - ``apply_preset(state, label)``: a method's preset (from the registry's ``MergeMethod.presets``) in the state.
-- ``form_view(state)``: what depends on the method: which fields show, their labels, which model rows show.
+- ``form_view(state)``: what depends on the method: which fields show, their labels, which model rows show, and
+  what the model list says when the method takes a fixed number of models (``count_note``, ``keep_first``).
+- ``remove_row(state, i)``, ``keep_first(state, n)``: the model list shrinking, rows after a removed one moving up.
+- ``comparable(state)``: the state's fields in a form two states can be compared by (what the page shows).
 
 Model rows are a plain list, any length: the form's rows are ``MAX_MODEL_ROWS`` today, and a config with more
 models keeps the extra ones in the YAML (``capacity`` below says how many rows the form can show).
@@ -327,6 +330,8 @@ class FormView:
     base_label: str
     rows_visible: tuple[bool, ...]
     model_fields: dict[str, FieldView]
+    count_note: str = ""  # next to the model list: the method's model count, when the list does not fit it
+    keep_first: int | None = None  # offer "keep the first N" (the method takes at most N, more are listed)
 
 
 def form_view(state: FormState) -> FormView:
@@ -339,8 +344,57 @@ def form_view(state: FormState) -> FormView:
     rows_visible = tuple(i <= last_filled + 1 and (i < limit or bool(row.model)) for i, row in enumerate(state.models))
     fields = {name: FieldView(name in per_model, f"{name} (NAN replaces it)" if name == "weight" and nan_on else name)
               for name in sorted(per_model_params())}
+    note, keep = count_note(method, sum(1 for row in state.models if row.model))
     return FormView(method.name, method_markdown(method), tuple(presets_for(method)),
-                    "coefficients" in {p.name for p in method.params}, BASE_LABELS[method.base], rows_visible, fields)
+                    "coefficients" in {p.name for p in method.params}, BASE_LABELS[method.base], rows_visible, fields,
+                    note, keep)
+
+
+def count_note(method: MergeMethod, filled: int) -> tuple[str, int | None]:
+    """What the model list says when ``filled`` models do not fit the method's count, and the N of "keep the first
+    N" when there are too many."""
+    low, high = method.min_models, method.max_models
+    if low == high:
+        wanted = f"exactly {low} model{'s' if low != 1 else ''}"
+    elif high:
+        wanted = f"{low} to {high} models"
+    else:
+        wanted = f"at least {low} model{'s' if low != 1 else ''}"
+    listed = f"{filled} {'is' if filled == 1 else 'are'} listed"
+    if high and filled > high:
+        return f"**{method.name}** takes {wanted} besides the base; {listed}.", high
+    if filled < low:
+        return f"**{method.name}** takes {wanted} besides the base; {listed}.", None
+    return "", None
+
+
+def blank_row() -> ModelRow:
+    """An empty model row, its parameters at the schema defaults."""
+    return ModelRow("", {name: p.default for name, p in per_model_params().items()})
+
+
+def remove_row(state: FormState, index: int) -> FormState:
+    """A copy of the state without model row ``index``: the rows after it move up, an empty row joins at the end."""
+    out = copy.deepcopy(state)
+    if 0 <= index < len(out.models):
+        del out.models[index]
+        out.models.append(blank_row())
+    return out
+
+
+def keep_first(state: FormState, n: int) -> FormState:
+    """A copy of the state with only its first ``n`` models (the method takes no more); the other rows emptied."""
+    out = copy.deepcopy(state)
+    filled = [row for row in out.models if row.model][:n]
+    out.models = filled + [blank_row() for _ in range(len(out.models) - len(filled))]
+    return out
+
+
+def comparable(state: FormState) -> dict[str, Any]:
+    """The state's fields as the page shows them, numbers rounded: equal for two states the page shows alike
+    (what tells a user's edit from the echo of a value the app set itself)."""
+    return {name: round(float(v), 9) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+            for name, v in state.to_fields().items()}
 
 
 # --- YAML and values ----------------------------------------------------------------------------------------------

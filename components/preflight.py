@@ -9,7 +9,7 @@ import gradio as gr
 from merging import hub
 from merging.config import MergeConfig
 
-from .common import AppSettings, hf_token, hub_resolver, human_bytes, human_seconds, load_config, user_errors
+from .common import AppSettings, failure, hf_token, hub_resolver, human_bytes, human_seconds, load_config
 from .sessions import SessionStore
 
 
@@ -71,12 +71,16 @@ def build_preflight_panel():
     return button, out
 
 
-def wire_preflight(button, out, yaml_box, settings: AppSettings, sessions: SessionStore) -> None:
-    @user_errors
-    def run(config_text: str, request: gr.Request, oauth_token: gr.OAuthToken | None = None) -> str:
-        session = sessions.get(request.session_hash)
-        config = load_config(config_text, settings, [session.folder])
-        token = hf_token(oauth_token)
-        return preflight_markdown(hub.preflight(config, token, resolver=hub_resolver(token)), config)
+def wire_preflight(button, out, cf, settings: AppSettings, sessions: SessionStore) -> None:
+    """``cf``: the method form's ``ConfigForm`` (``config_text`` is the config to check)."""
 
-    button.click(run, yaml_box, out, api_visibility="private")
+    def run(values: dict, request: gr.Request, oauth_token: gr.OAuthToken | None = None) -> str:
+        try:
+            session = sessions.get(request.session_hash)
+            config = load_config(cf.config_text(values), settings, [session.folder])
+            token = hf_token(oauth_token)
+            return preflight_markdown(hub.preflight(config, token, resolver=hub_resolver(token)), config)
+        except Exception as exc:  # noqa: BLE001 - shown where it happened (failure() logs bugs with their traceback)
+            return failure("pre-flight", exc)
+
+    button.click(run, cf.inputs(), out, api_visibility="private", show_progress_on=[out])

@@ -36,6 +36,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.seed is not None:
         config = config.model_copy(update={"seed": args.seed})
+    if args.allow_crimes:
+        config = config.model_copy(update={"allow_crimes": True})
     progress, close = _progress_bar("merge")
     try:
         result = run_merge(config, args.out_dir, device=args.device, max_shard_size=args.max_shard_size,
@@ -51,9 +53,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import inspect_paths
+    from .inspect import inspect_checkpoints
 
-    print(inspect_paths(args.paths, allow_pickle=args.allow_pickle, resolver=_resolver(args)))
+    found = inspect_checkpoints(args.paths, allow_pickle=args.allow_pickle, resolver=_resolver(args))
+    print(found.text)
+    if not found.compatible:
+        print(f"error: {', '.join(args.paths[1:])} not compatible with {args.paths[0]} (see above)", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -78,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="load PyTorch pickles with torch.load(weights_only=True)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--allow-crimes", action="store_true",
+                   help="merge models of different architectures (as mergekit's flag; `allow_crimes: true`)")
     p.add_argument("--hub-cache", action="store_true",
                    help="download Hub inputs into the huggingface_hub cache instead of streaming them")
     p.set_defaults(func=cmd_merge)

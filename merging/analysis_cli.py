@@ -1,4 +1,7 @@
-"""``python -m merging analyze CONFIG --json OUT.json [--html REPORT.html] [--exact | --sample FRACTION] [--seed N]``
+"""``python -m merging analyze CONFIG [--json OUT.json] [--html REPORT.html] [--advice] [--exact | --sample FRACTION]``
+
+``--advice`` prints what the statistics mean and which merge to try (``merging.advice``: findings, each with its
+number, then a recommended method with its parameters and the reason).
 
 Exact up to 2 GB of input (base plus fine-tunes, ``analysis.SAMPLE_THRESHOLD_BYTES``), sampled at 5% of the rows
 above that; ``--exact`` forces a full pass, ``--sample`` picks the fraction. The JSON schema is
@@ -43,15 +46,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze
     from .config import load_config
 
-    json_path = _writable(args.json, "--json")
+    json_path = _writable(args.json, "--json") if args.json else None
     html_path = _writable(args.html, "--html") if args.html else None
     config = load_config(args.config)
     stats = analyze(config, exact=args.exact, sample=args.sample, seed=args.seed, device=args.device,
                     allow_pickle=args.allow_pickle, resolver=_resolver(args))
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(stats, indent=1) + "\n")
-    tmp.replace(json_path)
-    written = [str(json_path)]
+    written = []
+    if json_path is not None:
+        tmp = json_path.with_name(json_path.name + ".tmp")
+        tmp.write_text(json.dumps(stats, indent=1) + "\n")
+        tmp.replace(json_path)
+        written.append(str(json_path))
     if html_path is not None:
         from .report import write_report
 
@@ -60,9 +65,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     meta = stats["meta"]
     mode = "exact" if meta["mode"] == "exact" else f"sampled {meta['sample_fraction']:.1%} of rows"
     print(f"analyzed {stats['model']['tensors']} tensors of {len(meta['models'])} models ({mode}) in "
-          f"{meta['seconds']:.1f} s, read {meta['bytes_read'] / 1e9:.3f} GB; wrote {', '.join(written)}")
+          f"{meta['seconds']:.1f} s, read {meta['bytes_read'] / 1e9:.3f} GB"
+          + (f"; wrote {', '.join(written)}" if written else ""))
     for note in meta["notes"]:
         print(f"note: {note}")
+    if args.advice:
+        from .advice import advice_text, advise
+
+        print(advice_text(advise(stats)))
     return 0
 
 
@@ -70,8 +80,10 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("analyze", help="merge diagnostics: sign conflicts, norms, NAN, similarity, EMR",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="the merge config (mergekit-compatible YAML)")
-    p.add_argument("--json", required=True, metavar="OUT.json", help="where to write the statistics")
+    p.add_argument("--json", metavar="OUT.json", help="where to write the statistics")
     p.add_argument("--html", metavar="REPORT.html", help="also write a standalone HTML report (opens offline)")
+    p.add_argument("--advice", action="store_true",
+                   help="print what the statistics mean and which merge to try (findings and a recommendation)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--exact", action="store_true", help="read every element (default up to 2 GB of input)")
     mode.add_argument("--sample", type=_fraction, metavar="FRACTION",

@@ -5,7 +5,9 @@ time: a merge or an analysis never loads plotly.
 
 Every chart reads the per-group statistics (embeddings, layer 0 … L−1, head, other) in model order, gives each
 model the same colour everywhere (``model_colors``), and puts exact values in the hover text. In sampled mode,
-rates carry their 95% confidence intervals as error bars.
+rates carry their 95% confidence intervals as error bars. Numbers in legends and hovers have 3 significant digits;
+legends sit under the plot, so a phone's width goes to the data. ``captions(stats)`` gives each chart the sentences
+shown under it: what it shows, how to read it, and what is high or low for that statistic.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from plotly.subplots import make_subplots
 
 PALETTE = list(qualitative.Plotly) + list(qualitative.Dark24)
 NEUTRAL = ("#2f3e46", "#c1121f")  # model-independent series (sign conflict): not in the model palette
-LAYOUT = dict(template="plotly_white", height=440, margin=dict(l=70, r=30, t=70, b=60),
-              legend=dict(title="model"), hoverlabel=dict(namelength=-1))
+LAYOUT = dict(template="plotly_white", height=400, margin=dict(l=60, r=20, t=60, b=50),
+              legend=dict(title="model", orientation="h", yanchor="top", y=-0.18, x=0, xanchor="left"),
+              hoverlabel=dict(namelength=-1))
+DIGITS = ".3g"  # significant digits of every number in a legend or a hover
 
 
 def model_colors(names: list[str]) -> dict[str, str]:
@@ -40,7 +44,7 @@ def _groups(stats: dict) -> tuple[list[dict], list[str]]:
 
 
 def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.6g}"
+    return "n/a" if value is None else f"{value:{DIGITS}}"
 
 
 def _mode_note(stats: dict, intervals: bool = False) -> str:
@@ -103,7 +107,7 @@ def task_vector_norm_chart(stats: dict) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=names, y=[g["task_vector_norm"][i] for g in groups], name=label, mode="lines+markers",
             line=dict(color=colors[model]), marker=dict(color=colors[model]), customdata=custom,
-            hovertemplate=f"{label}<br>%{{x}}<br>‖τ‖ = %{{y:.6g}}<br>‖τ‖/‖θ_base‖ = %{{customdata[0]}}"
+            hovertemplate=f"{label}<br>%{{x}}<br>‖τ‖ = %{{y:.3g}}<br>‖τ‖/‖θ_base‖ = %{{customdata[0]}}"
                           "<br>‖θ_base‖ = %{customdata[1]}<extra></extra>"))
     return _finish(fig, "Task-vector norm ‖θ_i − θ_base‖ by layer" + _mode_note(stats), "layer group", "‖τ_i‖_F")
 
@@ -117,7 +121,7 @@ def nan_coefficients_chart(stats: dict) -> go.Figure:
     for i, (model, label) in enumerate(zip(models, labels)):
         fig.add_trace(go.Bar(
             x=names, y=[g["nan_coefficients"][i] for g in groups], name=label, marker_color=colors[model],
-            hovertemplate=f"{label}<br>%{{x}}<br>α = %{{y:.6g}}<extra></extra>"))
+            hovertemplate=f"{label}<br>%{{x}}<br>α = %{{y:.3g}}<extra></extra>"))
     x_name = "θ_i" if on == "weights" else "τ_i"
     return _finish(fig, f"NAN coefficients α_i ∝ 1/‖{x_name}‖ by layer (stacked to 1)" + _mode_note(stats),
                    "layer group", "α_i", barmode="stack", yaxis=dict(range=[0, 1]))
@@ -133,39 +137,47 @@ def cosine_similarity_heatmap(stats: dict, group: str = "model") -> go.Figure:
         if entry is None:
             raise KeyError(f"no group {group!r} in the statistics")
     matrix = entry["cosine_similarity"]
-    text = [[_fmt(v) if v is None else f"{v:.3f}" for v in row] for row in matrix]
+    text = [[_fmt(v) if v is None else f"{v:.2f}" for v in row] for row in matrix]
     fig = go.Figure(go.Heatmap(
         z=matrix, x=labels, y=labels, zmin=-1, zmax=1, zmid=0, colorscale="RdBu", text=text,
         texttemplate="%{text}", colorbar=dict(title="cos"),
-        hovertemplate="cos(τ_%{y}, τ_%{x}) = %{z:.6g}<extra></extra>"))
+        hovertemplate="cos(τ_%{y}, τ_%{x}) = %{z:.3g}<extra></extra>"))
     where = "whole model" if group == "model" else group
     return _finish(fig, f"Cosine similarity of task vectors ({where})" + _mode_note(stats), "model", "model",
                    yaxis=dict(autorange="reversed"))
 
 
+def _stacked(rows: int, titles: list[str]) -> go.Figure:
+    """Subplots one above the other, sharing the layer axis: readable at a phone's width, no titles overlapping."""
+    return make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.14 if rows == 2 else 0.1,
+                         subplot_titles=titles)
+
+
 def emr_modulators_chart(stats: dict) -> go.Figure:
-    """EMR's per-task mask density and rescaler, by layer; the legend gives each task's whole-model values."""
+    """EMR's per-task mask density (top) and rescaler (bottom), by layer; the legend gives each task's whole-model
+    values."""
     groups, names = _groups(stats)
     models, labels, colors = _models(stats)
     whole = stats["model"]["emr"]
     lambdas = stats["meta"].get("emr_rescalers") or [r["rate"] for r in whole["rescaler"]]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("mask density Σ M_i / n", "rescaler Σ|τ_i| / Σ|M_i ⊙ τ_uni|"))
+    fig = _stacked(2, ["mask density Σ M_i / n", "rescaler λ = Σ|τ_i| / Σ|M_i ⊙ τ_uni|"])
     for i, (model, label) in enumerate(zip(models, labels)):
         density = whole["mask_density"][i]["rate"]
         name = f"{label} (density {_fmt(density)}, λ {_fmt(lambdas[i])})"
-        for col, key in ((1, "mask_density"), (2, "rescaler")):
+        for row, key in ((1, "mask_density"), (2, "rescaler")):
             values = [g["emr"][key][i]["rate"] for g in groups]
             cis = [g["emr"][key][i]["ci95"] for g in groups]
             hover = [_fmt(v) + (f" (95% CI {_fmt(ci[0])} – {_fmt(ci[1])})" if ci else "") for v, ci in zip(values, cis)]
             fig.add_trace(go.Scatter(
-                x=names, y=values, name=name, legendgroup=model, showlegend=col == 1, mode="lines+markers",
+                x=names, y=values, name=name, legendgroup=model, showlegend=row == 1, mode="lines+markers",
                 line=dict(color=colors[model]), marker=dict(color=colors[model]), customdata=hover,
                 hovertemplate=f"{label}<br>%{{x}}<br>{key.replace('_', ' ')}: %{{customdata}}"
-                              f"<br>whole-model λ = {_fmt(lambdas[i])}<extra></extra>"), row=1, col=col)
-    title = "EMR modulators per task: mask density and rescaler by layer" + _mode_note(stats, intervals=True)
-    fig = _finish(fig, title, "layer group", "")
-    fig.update_yaxes(title_text="mask density", row=1, col=1)
-    fig.update_yaxes(title_text="rescaler λ", row=1, col=2)
+                              f"<br>whole-model λ = {_fmt(lambdas[i])}<extra></extra>"), row=row, col=1)
+    title = "EMR per task: mask density and rescaler by layer" + _mode_note(stats, intervals=True)
+    fig = _finish(fig, title, "", "", height=560, legend={**LAYOUT["legend"], "y": -0.1})
+    fig.update_xaxes(title_text="layer group", row=2, col=1)
+    fig.update_yaxes(title_text="density", row=1, col=1)
+    fig.update_yaxes(title_text="λ", row=2, col=1)
     return fig
 
 
@@ -173,21 +185,22 @@ RECONSTRUCTIONS = (("unified", "τ_uni alone"), ("masked", "+ mask"), ("masked_r
 
 
 def emr_reconstruction_chart(stats: dict) -> go.Figure:
-    """‖θ_i − θ̂_i‖ / ‖τ_i‖ by layer for EMR's three steps: τ_uni alone, with the mask, with mask and rescaler."""
+    """‖θ_i − θ̂_i‖ / ‖τ_i‖ by layer for EMR's three steps (one above the other): τ_uni alone, with the mask, with
+    mask and rescaler."""
     groups, names = _groups(stats)
     models, labels, colors = _models(stats)
-    fig = make_subplots(rows=1, cols=3, shared_yaxes=True, subplot_titles=[t for _, t in RECONSTRUCTIONS])
+    fig = _stacked(3, [f"{t}: ‖θ_i − θ̂_i‖ / ‖τ_i‖" for _, t in RECONSTRUCTIONS])
     for i, (model, label) in enumerate(zip(models, labels)):
-        for col, (key, title) in enumerate(RECONSTRUCTIONS, start=1):
+        for row, (key, title) in enumerate(RECONSTRUCTIONS, start=1):
             values = [g["emr"]["reconstruction_error"][key][i] for g in groups]
             fig.add_trace(go.Scatter(
-                x=names, y=values, name=label, legendgroup=model, showlegend=col == 1, mode="lines+markers",
+                x=names, y=values, name=label, legendgroup=model, showlegend=row == 1, mode="lines+markers",
                 line=dict(color=colors[model]), marker=dict(color=colors[model]),
-                hovertemplate=f"{label}<br>%{{x}}<br>{title}: ‖θ − θ̂‖/‖τ‖ = %{{y:.6g}}<extra></extra>"),
-                row=1, col=col)
-    fig = _finish(fig, "EMR reconstruction error by layer (lower is closer to the fine-tune)" + _mode_note(stats),
-                  "layer group", "")
-    fig.update_yaxes(title_text="‖θ_i − θ̂_i‖ / ‖τ_i‖", row=1, col=1)
+                hovertemplate=f"{label}<br>%{{x}}<br>{title}: ‖θ − θ̂‖/‖τ‖ = %{{y:.3g}}<extra></extra>"),
+                row=row, col=1)
+    fig = _finish(fig, "EMR rebuild error by layer (lower is closer)" + _mode_note(stats), "", "", height=660,
+                  legend={**LAYOUT["legend"], "y": -0.08})
+    fig.update_xaxes(title_text="layer group", row=3, col=1)
     return fig
 
 
@@ -202,7 +215,7 @@ def merged_distance_chart(stats: dict) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=names, y=values, name=label, mode="lines+markers", line=dict(color=colors[model]),
             marker=dict(color=colors[model]),
-            hovertemplate=f"{label}<br>%{{x}}<br>‖θ_merged − θ_i‖/‖τ_i‖ = %{{y:.6g}}<extra></extra>"))
+            hovertemplate=f"{label}<br>%{{x}}<br>‖θ_merged − θ_i‖/‖τ_i‖ = %{{y:.3g}}<extra></extra>"))
     return _finish(fig, f"Distance from the {method} merge to each fine-tune, by layer" + _mode_note(stats),
                    "layer group", "‖θ_merged − θ_i‖ / ‖τ_i‖")
 
@@ -272,3 +285,51 @@ CHARTS = (sign_conflict_chart, task_vector_norm_chart, nan_coefficients_chart, c
 def all_figures(stats: dict) -> list[go.Figure]:
     """Every chart for these statistics, in the report's order."""
     return [chart(stats) for chart in CHARTS]
+
+
+# What each chart shows, how to read it, what is high or low: the sentences under it (the app, the report).
+CAPTIONS = {
+    "sign_conflict_chart": (
+        "Per layer group, the share of entries where the fine-tunes' changes differ in sign (dark), and after TIES' "
+        "trim the share of the kept mass against the elected sign (red): what TIES' election throws away. "
+        "{n} unrelated task vectors give {chance} on the dark line, so only well below that is agreement; on the red "
+        "line under 2.5 % the kept entries hardly collide, and tens of percent are real conflicts to settle."),
+    "task_vector_norm_chart": (
+        "How far each fine-tune moved from the base, ‖θ_i − θ_base‖ per layer group (the hover adds it relative to "
+        "the base's norm). A line far above the rest is a dominant model that a sum or average is pulled toward; "
+        "relative steps of a few percent add up like independent skills, above about 4 % averaging is safer."),
+    "nan_coefficients_chart": (
+        "NAN's coefficients α_i ∝ 1/‖θ_i‖ per layer group, stacked to 1. Equal slices (1/{n} each) mean NAN changes "
+        "nothing; a thin slice is a model NAN turns down. Fine-tunes of one base usually have near-equal weight "
+        "norms; NAN on the task vectors (`nan_on: task_vector`) spreads more."),
+    "cosine_similarity_heatmap": (
+        "cos(τ_i, τ_j) for every pair of fine-tunes over the whole model. Near 0 (white) is unrelated, the usual "
+        "case; near 1 (blue) near duplicates, which count twice in a sum; negative (red) pull in opposite "
+        "directions, and a merge trades one for the other."),
+    "emr_modulators_chart": (
+        "EMR's per-task mask density (the share of entries whose sign agrees with the elected τ_uni) and rescaler λ "
+        "(which brings M_i ⊙ τ_uni back to the task's own size), per layer group. A density near 1 means the task "
+        "agrees with the election almost everywhere (the EMR paper reports about 0.7); λ under 1 shrinks τ_uni."),
+    "emr_reconstruction_chart": (
+        "How far each task's EMR rebuild θ_base + λ_i M_i ⊙ τ_uni is from its fine-tune, ‖θ_i − θ̂_i‖ / ‖τ_i‖, after "
+        "each of EMR's steps: 0 is the fine-tune itself, 1 as far as the base. Each step should lower it; compare "
+        "with the merged-distance chart, the gap one merged model leaves."),
+    "merged_distance_chart": (
+        "How far the configured {method} merge lands from each fine-tune, ‖θ_merged − θ_i‖ / ‖τ_i‖ per layer group: "
+        "0 is that fine-tune, 1 as far as the base, above 1 the merge moved away from that task. Lines far apart "
+        "mean the merge favours some models."),
+    "spectral_chart": (
+        "The task matrices' singular values per layer group. Top: each fine-tune's effective rank over its rank (low "
+        "= a few directions carry the change) and its energy in the top 5 % of directions. Bottom left: the overlap "
+        "of the tasks' top singular subspaces (0 = disjoint, 1 = the same directions; above about 0.3 the tasks "
+        "compete, where TSV-M helps) and the flatness of the summed spectrum (1 = isotropic; low is what Iso-C "
+        "flattens). Bottom right: the spectra of the most overlapping tensor."),
+}
+
+
+def captions(stats: dict) -> list[str]:
+    """The caption of every chart of ``all_figures``, in its order, with this analysis' numbers filled in."""
+    n = len(stats["meta"]["models"])
+    values = {"n": n, "chance": f"{100 * (1 - 2 ** (1 - n)):.3g} %" if n >= 2 else "n/a",
+              "method": stats["meta"].get("method", "")}
+    return [CAPTIONS[chart.__name__].format(**values) for chart in CHARTS]

@@ -1,14 +1,19 @@
 """The merge configuration: mergekit-compatible YAML, validated once, then immutable.
 
 Keys shared with mergekit keep mergekit's meaning (``merge_method``, ``base_model``, ``models[].model``,
-``models[].parameters``, ``parameters``, ``dtype``, ``out_dtype``, ``slices``). Our extensions: ``seed`` and
-``allow_vocab_mismatch``.
+``models[].parameters``, ``parameters``, ``dtype``, ``out_dtype``, ``slices`` with their ``parameters`` and
+``base_model``, ``modules``, ``tokenizer_source`` / ``tokenizer``, ``chat_template``). Our extensions: ``seed``,
+``allow_vocab_mismatch``, ``refuse_nonfinite`` and ``allow_crimes`` (mergekit's ``--allow-crimes``). An unknown key
+is an error that suggests the nearest known one. YAML anchors and aliases are expanded within a budget of
+``merging.yaml_budget.MAX_YAML_NODES`` nodes, so an alias bomb is refused as soon as it is composed.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
-from typing import Any
+import re
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -16,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from .errors import ConfigError
 from .methods.registry import MergeMethod, get_method
 from .params import check_params, probe_points, resolve
+from .yaml_budget import load_yaml
 
 DTYPE_ALIASES = {
     "float32": "float32", "fp32": "float32", "f32": "float32",
@@ -24,6 +30,11 @@ DTYPE_ALIASES = {
 }
 SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MAX_CONFIG_BYTES = 1_000_000
+CHAT_TEMPLATES = {  # by name, as mergekit's `chat_template: chatml`
+    "chatml": "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+              "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+              "{% endif %}",
+}
 
 
 class _Strict(BaseModel):
@@ -50,6 +61,8 @@ class SliceSource(_Strict):
 
 class Slice(_Strict):
     sources: list[SliceSource]
+    base_model: str | None = None  # this slice's base (mergekit's `slices[].base_model`); else the config's
+    parameters: dict[str, Any] = {}  # between the sources' own and the config's
 
     @field_validator("sources")
     @classmethod
@@ -62,18 +75,78 @@ class Slice(_Strict):
         return sources
 
 
+class Module(_Strict):
+    """mergekit's ``modules:`` entry: the models (or slices) of one part of the architecture (``default`` for a
+    model with one stack; ``encoder``/``decoder`` for an encoder-decoder), with parameters of its own."""
+
+    models: list[ModelEntry] = []
+    slices: list[Slice] | None = None
+    parameters: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Module:
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("each module gives either `models:` or `slices:`")
+        return self
+
+
+class TokenSource(_Strict):
+    kind: Literal["model_token", "zero"]
+    model: str | None = None
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _which(self) -> TokenSource:
+        if self.kind == "model_token" and (self.model is None or (self.token_id is None) == (self.token is None)):
+            raise ValueError("a `model_token` source needs `model` and one of `token_id` / `token`")
+        return self
+
+
+class TokenEmbedding(_Strict):
+    source: str | TokenSource | None = None  # a model reference, a model's token, or zeros
+    force: bool = False
+
+
+class TokenizerSpec(_Strict):
+    """mergekit's ``tokenizer:`` block: the output vocabulary and where added tokens' embeddings come from."""
+
+    source: str = "union"  # "union", "base", or a model reference
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = None
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive integer, got {value}")
+        return value
+
+
 class MergeConfig(_Strict):
     merge_method: str
     base_model: str | None = None
     models: list[ModelEntry] = []
     slices: list[Slice] | None = None
+    modules: dict[str, Module] | None = None
     parameters: dict[str, Any] = {}
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None  # accepted for mergekit compatibility; tokenizer files come from the base
+    tokenizer_source: str | None = None  # "base", "union" or a model: the output vocabulary (merging.tokenizers)
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None  # a template's name (chatml, ...), a Jinja template, or "auto"
     seed: int = 0
     allow_vocab_mismatch: bool = False
     refuse_nonfinite: bool = False  # stop when a merged tensor holds NaN or Inf (always reported)
+    allow_crimes: bool = False  # merge models of different architectures (mergekit's --allow-crimes)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        if value is None or value in CHAT_TEMPLATES or value == "auto" or ("{" in value and len(value) >= 20):
+            return value
+        raise ValueError(f"{value!r} is not a chat template we ship ({', '.join(CHAT_TEMPLATES)}, or `auto`: the "
+                         "inputs' most common one); give the Jinja text itself")
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -87,11 +160,20 @@ class MergeConfig(_Strict):
 
     @model_validator(mode="after")
     def _has_inputs(self) -> MergeConfig:
-        if not self.models and not self.slices:
+        given = [k for k in ("models", "slices", "modules") if getattr(self, k)]
+        if not given:
             raise ValueError("the config names no models (give `models:` or `slices:`)")
-        if self.models and self.slices:
-            raise ValueError("give either `models:` or `slices:`, not both")
+        if len(given) > 1:
+            raise ValueError(f"give one of `models:`, `slices:` or `modules:`, not {' and '.join(given)}")
+        if self.tokenizer_source and self.tokenizer:
+            raise ValueError("give `tokenizer_source` or `tokenizer`, not both")
         return self
+
+    @property
+    def vocabulary_source(self) -> str | None:
+        """Where the output vocabulary comes from: "base", "union", a model reference, or None (the base's
+        tokenizer files, copied)."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
 
     @property
     def output_dtype(self) -> str | None:
@@ -102,27 +184,15 @@ class MergeConfig(_Strict):
     def model_refs(self) -> list[str]:
         """Every distinct checkpoint the config reads, base first."""
         refs: list[str] = [self.base_model] if self.base_model else []
-        if self.slices:
-            refs += [s.model for sl in self.slices for s in sl.sources]
-        refs += [m.model for m in self.models]
+        parts = [(self.models, self.slices)] + [(m.models, m.slices) for m in (self.modules or {}).values()]
+        for models, slices in parts:
+            for sl in slices or []:
+                refs += ([sl.base_model] if sl.base_model else []) + [s.model for s in sl.sources]
+            refs += [m.model for m in models]
         return list(dict.fromkeys(refs))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_defaults=True, mode="json"), sort_keys=False)
-
-
-class _AliasFound(Exception):
-    def __init__(self, line: int) -> None:
-        self.line = line
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """A YAML loader that refuses aliases: a few lines of them can expand to gigabytes."""
-
-    def compose_node(self, parent, index):  # type: ignore[override]
-        if self.check_event(yaml.AliasEvent):
-            raise _AliasFound(self.peek_event().start_mark.line + 1)
-        return super().compose_node(parent, index)
 
 
 def parse_config(text: str, *, source: str = "config") -> MergeConfig:
@@ -130,9 +200,7 @@ def parse_config(text: str, *, source: str = "config") -> MergeConfig:
     if len(text.encode()) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{source}: larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
-    except _AliasFound as found:
-        raise ConfigError(f"{source}: YAML aliases are not allowed (line {found.line})") from None
+        data = load_yaml(text, source)
     except RecursionError:  # PyYAML composes nested collections recursively
         raise ConfigError(f"{source}: YAML nested too deeply") from None
     except yaml.YAMLError as exc:
@@ -174,15 +242,45 @@ def load_config(path: str) -> MergeConfig:
     return parse_config(text, source=path)
 
 
+_BRANCHES = {"TokenSource", "TokenEmbedding", "TokenizerSpec", "Slice", "SliceSource", "Module", "ModelEntry"}
+_FIELDS_AT = {"": MergeConfig, "models": ModelEntry, "slices": Slice, "sources": SliceSource, "modules": Module,
+              "tokenizer": TokenizerSpec, "tokens": TokenEmbedding, "source": TokenSource}
+
+
 def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "config"
+    errors = exc.errors()
+    # a typo is also a missing key: report the typo; a union's branches each complain: report the rule that failed
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), None) or \
+        next((e for e in errors if e["type"] == "value_error"), errors[0])
+    loc = tuple(p for p in err["loc"] if not _is_branch(p))
+    where = ".".join(str(p) for p in loc) or "config"
     if err["type"] == "extra_forbidden":
-        return f"unknown key `{where}`"
+        return f"unknown key `{where}`{_suggestion(loc)}"
     if err["type"] == "missing":
         return f"missing key `{where}`"
     msg = err["msg"].removeprefix("Value error, ")
     return f"`{where}`: {msg}"
+
+
+def _is_branch(part) -> bool:
+    """pydantic names the branch of a union it tried (``str``, ``TokenSource``) among the keys of a location."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or part in _BRANCHES
+                                      or re.fullmatch(r"[\w-]+\[.*\]", part) is not None)
+
+
+def _suggestion(loc: tuple) -> str:
+    """`` (did you mean `dtype`?)`` for a misspelt key, from the keys allowed where it stands."""
+    if not loc:
+        return ""
+    named = [p for p in loc[:-1] if isinstance(p, str)]
+    parent = named[-1] if named else ""
+    if len(named) >= 2 and named[-2] in ("modules", "tokens") and isinstance(loc[-2], str):
+        parent = named[-2]  # modules.<name>.key, tokens.<token>.key
+    model = _FIELDS_AT.get(parent)
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
 
 
 def is_finite_number(value: Any) -> bool:
@@ -193,28 +291,72 @@ def validate_config(config: MergeConfig, *, source: str = "config") -> None:
     """Check the method, its inputs, every parameter value and the method's cross-parameter rules, once, before
     anything is read."""
     method = get_method(config.merge_method, source)
-    if method.base == "required" and not config.base_model:
-        raise ConfigError(f"{source}: merge_method {method.name!r} needs a `base_model`")
-    if config.slices and method.name != "passthrough":
-        counts = {len(s.sources) for s in config.slices}
-    else:
-        counts = {len(input_entries(config, method))}
-    for n in counts:
-        _check_model_count(method, n, source)
+    for where, part in parts(config):
+        _validate_part(config, method, part, f"{source}: {where}" if where else source)
     check_params(method, config.parameters, f"{source}: parameters")
-    for i, entry in enumerate(config.models):
-        check_params(method, entry.parameters, f"{source}: models[{i}] ({entry.model}) parameters",
-                     global_allowed=False)
-    for si, sl in enumerate(config.slices or []):
-        for j, src in enumerate(sl.sources):
-            check_params(method, src.parameters, f"{source}: slices[{si}].sources[{j}] parameters",
+
+
+def parts(config: MergeConfig) -> list[tuple[str, Module]]:
+    """The config as mergekit normalizes it: one part per module (``models:`` or ``slices:`` at the top level are
+    the one module ``""``), each with its own parameters."""
+    if config.modules:
+        return [(f"modules.{name}", module) for name, module in config.modules.items()]
+    return [("", Module.model_construct(models=list(config.models), slices=config.slices, parameters={}))]
+
+
+def _validate_part(config: MergeConfig, method: MergeMethod, part: Module, source: str) -> None:
+    scopes = (part.parameters, config.parameters) if part.parameters else (config.parameters,)
+    if part.parameters:
+        check_params(method, part.parameters, f"{source}.parameters")
+    if part.slices:
+        groups = []
+        for si, sl in enumerate(part.slices):
+            base = slice_base(config, sl)
+            others = slice_inputs(method, sl, base)
+            if method.base == "required" and not base:
+                raise ConfigError(f"{source}: merge_method {method.name!r} needs a `base_model`")
+            if method.base == "required" and len(others) == len(sl.sources):
+                raise ConfigError(f"{source}: slices[{si}]: the base_model {base!r} is not among the slice's sources; "
+                                  f"add it as a source with the same layer_range (its layers are the base)")
+            _check_model_count(method, len(others), f"{source}: slices[{si}]")
+            if sl.parameters:
+                check_params(method, sl.parameters, f"{source}: slices[{si}].parameters")
+            for j, src in enumerate(sl.sources):
+                check_params(method, src.parameters, f"{source}: slices[{si}].sources[{j}] parameters",
+                             global_allowed=False)
+            groups.append(((sl.parameters, *scopes) if sl.parameters else scopes, [s.parameters for s in others]))
+    else:
+        if method.base == "required" and not config.base_model:
+            raise ConfigError(f"{source}: merge_method {method.name!r} needs a `base_model`")
+        entries = input_entries(config, method, part.models)
+        _check_model_count(method, len(entries), source)
+        for i, entry in enumerate(part.models):
+            check_params(method, entry.parameters, f"{source}: models[{i}] ({entry.model}) parameters",
                          global_allowed=False)
+        groups = [(scopes, [e.parameters for e in entries])]
     if method.validate is not None:
-        groups = [[s.parameters for s in sl.sources] for sl in config.slices] if config.slices else \
-            [[e.parameters for e in input_entries(config, method)]]
-        for model_params in groups:
-            for name, t in probe_points(config.parameters, model_params):
-                method.validate(resolve(method, config.parameters, model_params, name, t), f"{source}: parameters")
+        for shared, model_params in groups:
+            for name, t in probe_points(_merged_scopes(shared), model_params):
+                method.validate(resolve(method, shared, model_params, name, t), f"{source}: parameters")
+
+
+def _merged_scopes(scopes: tuple[dict, ...]) -> dict:
+    merged: dict = {}
+    for scope in reversed(scopes):
+        merged.update(scope)
+    return merged
+
+
+def slice_base(config: MergeConfig, sl: Slice) -> str | None:
+    return sl.base_model or config.base_model
+
+
+def slice_inputs(method: MergeMethod, sl: Slice, base: str | None) -> list[SliceSource]:
+    """The sources a method combines in one slice: all but the base's, for methods built on a base (or that keep
+    an optional base apart, ``separate_base``)."""
+    if method.base == "required" or method.separate_base:
+        return [s for s in sl.sources if s.model != base]
+    return list(sl.sources)
 
 
 def _check_model_count(method: MergeMethod, n: int, source: str) -> None:
@@ -228,9 +370,25 @@ def _check_model_count(method: MergeMethod, n: int, source: str) -> None:
     raise ConfigError(f"{source}: merge_method {method.name!r} takes {want} {what}, got {n}")
 
 
-def input_entries(config: MergeConfig, method: MergeMethod) -> list[ModelEntry]:
+def input_entries(config: MergeConfig, method: MergeMethod, models: list[ModelEntry] | None = None
+                  ) -> list[ModelEntry]:
     """The models a method combines: for methods built on a base (or that keep an optional base apart,
     ``separate_base``), every model except the base itself."""
+    models = config.models if models is None else models
     if method.base == "required" or method.separate_base:
-        return [m for m in config.models if m.model != config.base_model]
-    return list(config.models)
+        return [m for m in models if m.model != config.base_model]
+    return list(models)
+
+
+def ignored_notes(config: MergeConfig) -> list[str]:
+    """The parameters a config sets that its method accepts for mergekit's sake but does not use."""
+    method = get_method(config.merge_method)
+    found = []
+    scopes = [config.parameters] + [m.parameters for m in config.models]
+    for _, part in parts(config):
+        scopes += [part.parameters] + [m.parameters for m in part.models]
+        scopes += [p for sl in part.slices or [] for p in [sl.parameters] + [s.parameters for s in sl.sources]]
+    for name in method.ignored:
+        if any(name in scope for scope in scopes):
+            found.append(f"`{name}` is ignored by {method.name} (accepted for mergekit compatibility)")
+    return found

@@ -19,7 +19,7 @@ import torch
 
 from . import native
 from .bands import HOLD_BYTES, Band, is_elementwise, row_bands
-from .config import MergeConfig
+from .config import SAFETENSORS_DTYPE, MergeConfig
 from .errors import Cancelled, MergeError
 from .memory import RetainedMemory, reuse_freed_memory
 from .methods.registry import REDUCED, TensorContext
@@ -28,8 +28,8 @@ from .resources import check_resources, uses_kernels
 from .safetensors_io import DTYPES
 from .sources import CheckpointSource, open_sources
 from .sources.base import TensorSpec
-from .whole_model import model_statistics
-from .writer import OutputFolder, ShardedWriter, parse_size, write_side_files
+from .whole_model import gather_stats, model_statistics
+from .writer import NON_MODEL_STEM, OutputFolder, ShardedWriter, parse_size, write_side_files
 
 
 @dataclass(frozen=True)
@@ -75,47 +75,6 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def gather_stats(passes, params: dict, band_inputs, context, prepare, native=None):
-    """Run statistics passes over one tensor's bands and return what ``ctx.stats`` holds after them: per pass its
-    ``collect`` (or the fused ``native`` form) on every band, the parts summed or concatenated, then ``finish``.
-
-    ``band_inputs()``: a fresh iterator of (band, (base, models)) per pass; ``context(band, stats)``: a band's
-    TensorContext (band None: the whole tensor); ``prepare(base, models, stride)``: the float32 tensors ``collect``
-    sees (every ``stride``-th element); ``native(stats_pass, base, models, ctx)``: a pass's fused result on the
-    inputs as given, or None. The engine runs it on bands it reads; the analysis also on tensors in hand.
-    """
-    stats = None
-    for stats_pass in passes:
-        if stats_pass.needed is not None and not stats_pass.needed(params):
-            continue
-        if stats_pass.only_if is not None and not stats_pass.only_if(stats):
-            continue
-        combined: dict[str, torch.Tensor] = {}
-        for band, (base, models) in band_inputs():
-            ctx = context(band, stats)
-            stride = stats_pass.sample_stride
-            part = native(stats_pass, base, models, ctx) if native is not None and stride == 1 else None
-            if part is None:
-                part = stats_pass.collect(*prepare(base, models, stride), params, ctx)
-            combine(part, combined, stats_pass.concat)
-        for key in stats_pass.concat:
-            if key in combined:
-                combined[key] = torch.cat(combined[key])
-        stats = stats_pass.finish(combined, params, context(None, stats)) if stats_pass.finish else combined
-    return stats
-
-
-def combine(part: dict, combined: dict, concat: tuple[str, ...]) -> None:
-    """Add one band's statistics to the totals: summed, or collected for concatenation (keys in ``concat``)."""
-    for key, value in part.items():
-        if key not in combined:
-            combined[key] = [value] if key in concat else value
-        elif key in concat:
-            combined[key].append(value)
-        else:
-            combined[key] = combined[key] + value
-
-
 class Executor:
     """Runs a plan's tensor tasks over opened sources; shared by merging and analysis."""
 
@@ -127,6 +86,8 @@ class Executor:
         self.progress = progress
         self.cancel = cancel or (lambda: False)
         self.memory = RetainedMemory()
+        name = plan.config.dtype
+        self._load_dtype = DTYPES[SAFETENSORS_DTYPE[name]] if name else None
         self._held: dict[tuple, tuple] = {}  # (tensor, band) -> inputs kept between a tensor's passes
         self.model_stats = None  # the method's whole-model statistics (merging.whole_model), once gathered
 
@@ -217,10 +178,18 @@ class Executor:
         return held if held is not None else self.read_inputs(task, band)
 
     def read_inputs(self, task: TensorTask, band: tuple[int, int] | None = None):
-        """The task's tensors (or one row band of them) as stored, on the CPU."""
-        base = self.sources[task.base.model].read(task.base.name, band) if task.base else None
-        models = [self.sources[r.model].read(r.name, band) for r in task.inputs]
+        """The task's tensors (or one row band of them) on the CPU, as stored or in the config's ``dtype``."""
+        base = self.as_loaded(self.sources[task.base.model].read(task.base.name, band)) if task.base else None
+        models = [self.as_loaded(self.sources[r.model].read(r.name, band)) for r in task.inputs]
         return base, models
+
+    def as_loaded(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A float input in the config's ``dtype``, as mergekit loads every input before merging (so a float32
+        checkpoint merged with ``dtype: bfloat16`` is rounded to bfloat16 first, then merged in float32)."""
+        dtype = self._load_dtype
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            return tensor.to(dtype)
+        return tensor
 
     def to_compute(self, tensor: torch.Tensor, rows: int | None) -> torch.Tensor:
         if rows is not None:
@@ -354,7 +323,8 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
             reduced = None if after_merge else executor.reduction()
             outputs = _planned_outputs(plan)
             planned = dict(outputs)
-            writer = ShardedWriter(tmp, outputs, shard_bytes)
+            writer = ShardedWriter(tmp, outputs, shard_bytes,
+                                   stem="model" if plan.method.model_output else NON_MODEL_STEM)
             stats = totals = None
             nonfinite: dict[str, int] = {}
             try:

@@ -8,6 +8,7 @@ then the global ones, then the method's default.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,15 +39,29 @@ def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
     return setting
 
 
-def resolve(method: MergeMethod, global_params: Mapping[str, Any], model_params: list[Mapping[str, Any]],
-            tensor_name: str, t: float) -> dict[str, Any]:
-    """Resolve every parameter of ``method`` for one tensor; per-model ones become lists, one per input."""
+Scopes = Mapping[str, Any] | tuple[Mapping[str, Any], ...]
+
+
+def _scopes(scopes: Scopes) -> tuple[Mapping[str, Any], ...]:
+    return (scopes,) if isinstance(scopes, Mapping) else tuple(scopes)
+
+
+def resolve(method: MergeMethod, global_params: Scopes, model_params: list[Scopes], tensor_name: str, t: float,
+            input_names: list[str] | None = None) -> dict[str, Any]:
+    """Resolve every parameter of ``method`` for one tensor; per-model ones become lists, one per input.
+
+    As mergekit does: ``global_params`` may be several scopes, highest precedence first (a slice's, a module's,
+    the config's); each input looks in its own scopes first (``model_params[i]``, one or several), then in the
+    global ones. Global values match filters against the output tensor's name, an input's values against the
+    name that input is read under (``input_names[i]``: a slice's source layer)."""
+    shared = _scopes(global_params)
+    names = input_names or [tensor_name] * len(model_params)
     out: dict[str, Any] = {}
     for p in method.params:
         if p.per_model:
-            out[p.name] = [_lookup(p, (mp, global_params), tensor_name, t) for mp in model_params]
+            out[p.name] = [_lookup(p, _scopes(mp) + shared, name, t) for mp, name in zip(model_params, names)]
         else:
-            out[p.name] = _lookup(p, (global_params,), tensor_name, t)
+            out[p.name] = _lookup(p, shared, tensor_name, t)
     return out
 
 
@@ -68,8 +83,12 @@ def check_params(method: MergeMethod, params: Mapping[str, Any], where: str, *,
     known = {p.name: p for p in method.params}
     for name, setting in params.items():
         p = known.get(name)
+        if p is None and name in method.ignored:
+            continue
         if p is None:
-            hint = f" (its parameters: {', '.join(known)})" if known else " (it takes none)"
+            close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
+            listed = f"its parameters: {', '.join(known)}" if known else "it takes none"
+            hint = f" (did you mean `{close[0]}`? {listed})" if close else f" ({listed})"
             raise ConfigError(f"{where}: unknown parameter `{name}` for {method.name!r}{hint}")
         if not global_allowed and not p.per_model:
             raise ConfigError(f"{where}: `{name}` is a global parameter of {method.name!r}; set it under the "

@@ -1,87 +1,42 @@
 """The plan: every output tensor with its inputs and parameters, checked before anything is read or written.
 
 The compatibility check is part of planning: every input tensor a task needs must exist with the reference's
-shape; tensors that no task uses are reported too. All problems go into one grouped report.
+shape; tensors that no task uses are reported too, and so are inputs of different architectures (refused unless
+``allow_crimes``). All problems go into one grouped report.
+
+As mergekit does: a tied model's output head is its embedding (``architectures.tied_alternatives``), so tied and
+untied checkpoints merge together; per-layer parameters take ``t`` within each layer stack (an encoder's and a
+decoder's own depth); ``modules:`` plan each part of the architecture with its own models and parameters.
+Slices are planned in ``merging.slices``; a ``tokenizer_source`` rewrites the vocabulary (``merging.tokenizers``).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from typing import Any
 
-from .config import MergeConfig, input_entries
+from . import slices, tokenizers
+from .architectures import Layers, describe_family, family, layer_position, tied_partner, with_layer_position
+from .config import MergeConfig, Module, ignored_notes, input_entries, parts
 from .errors import CompatibilityError, ConfigError
 from .methods.registry import MergeMethod, get_method
 from .params import resolve
-from .sources import CheckpointSource, TensorSpec, read_json_file
+from .sources import CheckpointSource, read_json_file
+from .tasks import CompatibilityReport, Planner, TensorRef, TensorTask
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
-_VOCAB_HINTS = ("embed", "lm_head", "wte", "word_embeddings", "output.weight")
+__all__ = ["CompatibilityReport", "MergePlan", "TensorRef", "TensorTask", "build_plan", "layer_index",
+           "with_layer_index"]
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_STACK_COUNT_KEYS = {"encoder": ("encoder_layers", "num_layers", "num_encoder_layers"),
+                     "decoder": ("decoder_layers", "num_decoder_layers")}
 
 
 def layer_index(name: str) -> int | None:
     """The block index in a tensor name (``model.layers.7.mlp...`` → 7), or None outside the blocks."""
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
+    pos = layer_position(name)
+    return pos[1] if pos else None
 
 
-def with_layer_index(name: str, index: int) -> str:
-    m = _LAYER.search(name)
-    assert m is not None
-    return name[: m.start(1)] + str(index) + name[m.end(1):]
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    model: str  # the model reference as written in the config
-    name: str
-
-
-@dataclass
-class TensorTask:
-    """One output tensor: merged from ``inputs`` (and ``base``) by the method, or copied from ``base``."""
-
-    name: str
-    spec: TensorSpec  # output dtype and shape
-    base: TensorRef | None
-    inputs: list[TensorRef]
-    params: dict[str, Any] = field(default_factory=dict)
-    copy: bool = False  # integer buffers and passthrough: taken verbatim from base
-    shared_rows: int | None = None  # vocabulary mismatch: merge only these leading rows, keep the base's rest
-
-    @property
-    def model_names(self) -> tuple[str, ...]:
-        return tuple(r.model for r in self.inputs)
-
-
-@dataclass
-class CompatibilityReport:
-    missing: list[str] = field(default_factory=list)
-    extra: list[str] = field(default_factory=list)
-    shapes: list[str] = field(default_factory=list)
-    dtypes: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # not problems: vocabulary handling, dtype conversions
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.extra or self.shapes or self.dtypes)
-
-    def groups(self) -> dict[str, list[str]]:
-        return {"missing tensors": self.missing, "extra tensors": self.extra, "shape mismatches": self.shapes,
-                "dtype mismatches": self.dtypes}
-
-    def text(self, limit: int = 8) -> str:
-        parts = []
-        for title, items in self.groups().items():
-            if items:
-                shown = "; ".join(items[:limit]) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
-                parts.append(f"{title} ({len(items)}): {shown}")
-        return " | ".join(parts)
-
-    def to_dict(self) -> dict:
-        return {**{k.replace(" ", "_"): v for k, v in self.groups().items()}, "notes": self.notes, "ok": self.ok}
+with_layer_index = with_layer_position
 
 
 @dataclass
@@ -92,7 +47,9 @@ class MergePlan:
     tasks: list[TensorTask]
     report: CompatibilityReport
     num_layers: int | None
-    out_config: dict | None  # config.json for the output (layer count updated for slices)
+    out_config: dict | None  # config.json for the output (layer counts, ties, vocabulary size as the plan changed)
+    side_files: dict[str, bytes] = field(default_factory=dict)  # written instead of the reference's (a tokenizer)
+    side_source: str | None = None  # the model whose tokenizer files are copied (tokenizer_source), else reference
 
     def require_compatible(self) -> None:
         if not self.report.ok:
@@ -104,101 +61,143 @@ class MergePlan:
 
 
 def build_plan(config: MergeConfig, sources: dict[str, CheckpointSource]) -> MergePlan:
-    """Plan a merge from already-opened sources (keyed by the config's model references)."""
+    """Plan a merge from already-opened sources (keyed by the config's model references).
+
+    With a ``tokenizer_source``, the sources of the models are replaced in ``sources`` by views of them in the
+    output vocabulary (the caller's dict: the engine reads through the same views)."""
     method = get_method(config.merge_method)
-    if config.slices:
-        return _plan_slices(config, method, sources)
-    entries = input_entries(config, method)
-    reference = config.base_model or entries[0].model
-    ref_specs = sources[reference].specs()
+    reference = _reference(config, method)
+    vocabulary = tokenizers.apply(config, sources, reference)
     ref_cfg = read_json_file(sources[reference], "config.json")
-    num_layers = _num_layers(ref_cfg, ref_specs)
+    ref_specs = sources[reference].specs()
     report = CompatibilityReport()
-    input_specs = {e.model: sources[e.model].specs() for e in entries}
+    planner = Planner(config, method, sources, reference, report, Layers.of(ref_specs, _config_layers(ref_cfg)))
+    _check_families(planner)
+    report.notes += ignored_notes(config) + [n for src in sources.values() for n in src.notes()]
+    if vocabulary is not None:
+        report.notes += vocabulary.notes
+    tasks: list[TensorTask] = []
+    members = _module_members(config, list(ref_specs), planner.layers)
+    for (where, part), names in zip(parts(config), members):
+        shared = (part.parameters, config.parameters) if part.parameters else (config.parameters,)
+        if part.slices:
+            tasks += slices.plan_slices(planner, part.slices, names, shared, where)
+        else:
+            tasks += _plan_models(planner, part, names, shared)
+    if not config.slices and not config.modules:  # tensors only inputs have
+        known = {t.name for t in tasks}
+        for model in dict.fromkeys(r.model for t in tasks for r in t.inputs):
+            report.extra += [f"{name} (in {model})" for name in sources[model].specs()
+                             if name not in ref_specs and name not in known]
+    _validate_tasks(method, tasks)
+    report.notes[:] = list(dict.fromkeys(report.notes))
+    dedup = list({t.name: t for t in tasks}.values())
+    out_cfg = _output_config(planner, ref_cfg, vocabulary)
+    plan = MergePlan(config, method, reference, dedup, report, planner.layers.total or None, out_cfg,
+                     vocabulary.files if vocabulary else {}, vocabulary.side_source if vocabulary else None)
+    return plan
+
+
+def _reference(config: MergeConfig, method: MergeMethod) -> str:
+    if config.base_model:
+        return config.base_model
+    _, first = parts(config)[0]
+    if first.slices:
+        return first.slices[0].sources[0].model
+    return input_entries(config, method, first.models)[0].model
+
+
+def _plan_models(planner: Planner, part: Module, names: list[str], shared: tuple) -> list[TensorTask]:
+    config, method, reference = planner.config, planner.method, planner.reference
+    entries = input_entries(config, method, part.models)
+    ref_specs = planner.specs(reference)
     model_params = [e.parameters for e in entries]
     base = config.base_model if method.base != "none" else None
     tasks = []
-    for name, spec in ref_specs.items():
-        out_spec = _output_spec(spec, config)
+    wanted = list(names)
+    for e in entries:  # heads a tied reference does not store, but an untied input does: the output gets them
+        for name in planner.specs(e.model):
+            if name not in ref_specs and name not in wanted and tied_partner(name, ref_specs):
+                wanted.append(name)
+                planner.untied.add(name)
+    for name in wanted:
+        ref_name = planner.input_name(reference, name)
+        spec = ref_specs[ref_name]
+        out_spec = planner.output_spec(spec)
         if not spec.is_float:
-            tasks.append(TensorTask(name, out_spec, TensorRef(reference, name), [], copy=True))
+            tasks.append(TensorTask(name, out_spec, TensorRef(reference, ref_name), [], copy=True))
             continue
-        task = TensorTask(name, out_spec, TensorRef(base, name) if base else None,
-                          [TensorRef(e.model, name) for e in entries],
-                          resolve(method, config.parameters, model_params, name, _depth(name, num_layers)))
-        for e in entries:
-            _check_input(task, spec, input_specs[e.model].get(name), e.model, config, report)
+        in_names = [planner.input_name(e.model, name) for e in entries]
+        task = TensorTask(name, out_spec, TensorRef(base, planner.input_name(base, name)) if base else None,
+                          [TensorRef(e.model, n) for e, n in zip(entries, in_names)],
+                          resolve(method, shared, model_params, name, planner.layers.depth(name)))
+        for e, n in zip(entries, in_names):
+            planner.check_input(task, spec, e.model, n)
         tasks.append(task)
-    for model, specs in input_specs.items():
-        report.extra += [f"{name} (in {model})" for name in specs if name not in ref_specs]
-    _validate_tasks(method, tasks)
-    return MergePlan(config, method, reference, tasks, report, num_layers, ref_cfg)
+    for name in sorted(planner.untied):
+        planner.report.notes.append(f"{reference} ties `{name}` to its embedding, an input has its own: the output "
+                                    f"writes `{name}` (the tied model's embedding merged with the others' heads) "
+                                    "and sets tie_word_embeddings: false")
+    return tasks
 
 
-def _plan_slices(config: MergeConfig, method: MergeMethod, sources: dict[str, CheckpointSource]) -> MergePlan:
-    first = config.slices[0].sources
-    base_in_first = config.base_model and any(s.model == config.base_model for s in first)
-    reference = config.base_model if base_in_first else first[0].model
-    ref_specs = sources[reference].specs()
-    ref_cfg = read_json_file(sources[reference], "config.json")
-    report = CompatibilityReport()
-    tasks: list[TensorTask] = []
-    passthrough = method.name == "passthrough"
-    templates = [n for n in ref_specs if layer_index(n) is not None and layer_index(n) == min(
-        layer_index(m) for m in ref_specs if layer_index(m) is not None)]
+def _module_members(config: MergeConfig, names: list[str], layers: Layers) -> list[list[str]]:
+    """The reference's tensor names each part of the config plans (all of them without ``modules:``)."""
+    if not config.modules:
+        return [names]
+    modules = list(config.modules)
+    owned: dict[str, list[str]] = {m: [] for m in modules}
+    orphans = []
+    for name in names:
+        pos = layer_position(name)
+        label = layers.labels.get(pos[0]) if pos else None
+        owner = next((m for m in modules if m == label or name.startswith(f"{m}.") or f".{m}." in name), None)
+        owner = owner or next((m for m in ("shared", "default") if m in owned), None)
+        if owner is None:
+            orphans.append(name)
+        else:
+            owned[owner].append(name)
+    if orphans:
+        raise ConfigError(f"config: modules: {', '.join(orphans[:4])} belong to no module (modules given: "
+                          f"{', '.join(modules)}); add a `shared:` (or `default:`) module for them")
+    return [owned[m] for m in modules]
 
-    def add_task(out_name: str, slice_sources, in_of, t: float) -> None:
-        lead = slice_sources[0]
-        lead_spec = sources[lead.model].specs().get(in_of(lead))
-        if lead_spec is None:
-            report.missing.append(f"{in_of(lead)} (in {lead.model})")
-            return
-        out_spec = _output_spec(lead_spec, config)
-        if passthrough and lead_spec.is_float:
-            params = resolve(method, config.parameters, [lead.parameters], out_name, t)
-            if params.get("scale", [None])[0] is not None:  # mergekit's `scale`: computed, not copied
-                tasks.append(TensorTask(out_name, out_spec, None, [TensorRef(lead.model, in_of(lead))], params))
-                return
-        if passthrough or not lead_spec.is_float:
-            tasks.append(TensorTask(out_name, out_spec, TensorRef(lead.model, in_of(lead)), [], copy=True))
-            return
-        base_src = next((s for s in slice_sources if s.model == config.base_model), None)
-        others = [s for s in slice_sources if s is not base_src] if method.base == "required" else list(slice_sources)
-        params = resolve(method, config.parameters, [s.parameters for s in others], out_name, t)
-        task = TensorTask(out_name, out_spec, TensorRef(base_src.model, in_of(base_src)) if base_src else None,
-                          [TensorRef(s.model, in_of(s)) for s in others], params)
-        for s in slice_sources:
-            _check_input(task, lead_spec, sources[s.model].specs().get(in_of(s)), s.model, config, report,
-                         name=in_of(s))
-        tasks.append(task)
 
-    non_layer = [n for n in ref_specs if layer_index(n) is None]
-    pre = [n for n in non_layer if any(h in n for h in ("embed", "wte", "wpe", "patch", "cls_token", "pos_"))]
-    post = [n for n in non_layer if n not in pre]
-    for name in pre:
-        add_task(name, first, lambda s, n=name: n, 0.0)
-    out_layer = 0
-    for sl in config.slices:
-        start = sl.sources[0].layer_range[0]
-        length = sl.sources[0].layer_range[1] - start
-        for idx in range(length):
-            t = idx / (length - 1) if length > 1 else 1.0
-            for template in templates:
-                out_name = with_layer_index(template, out_layer)
-                add_task(out_name, sl.sources,
-                         lambda s, tpl=template, i=idx: with_layer_index(tpl, s.layer_range[0] + i), t)
-            out_layer += 1
-        if not templates:
-            raise ConfigError(f"config: slices need layered tensors, but {reference} has no `layers.N.` names")
-    for name in post:
-        add_task(name, config.slices[-1].sources, lambda s, n=name: n, 0.0)
-    out_cfg = dict(ref_cfg) if ref_cfg else None
-    if out_cfg is not None:
-        for key in _LAYER_COUNT_KEYS:
-            if key in out_cfg:
-                out_cfg[key] = out_layer
-    _validate_tasks(method, tasks)
-    return MergePlan(config, method, reference, tasks, report, out_layer, out_cfg)
+def _check_families(planner: Planner) -> None:
+    """Every input's architecture in the notes; different ones refused unless ``allow_crimes``."""
+    described, seen = [], {}
+    for ref in planner.config.model_refs():
+        cfg = read_json_file(planner.sources[ref], "config.json")
+        described.append(f"`{ref}`: {describe_family(cfg)}")
+        if family(cfg) is not None:
+            seen.setdefault(family(cfg), ref)
+    planner.report.notes.append("architectures: " + "; ".join(described))
+    if len(seen) > 1:
+        mix = ", ".join(f"{fam} ({ref})" for fam, ref in seen.items())
+        if planner.config.allow_crimes:
+            planner.report.notes.append(f"different architectures merged (allow_crimes): {mix}")
+        else:
+            planner.report.architectures.append(f"{mix}; set `allow_crimes: true` (or pass --allow-crimes) to merge "
+                                                "them anyway")
+
+
+def _output_config(planner: Planner, ref_cfg: dict | None, vocabulary) -> dict | None:
+    if ref_cfg is None:
+        return None
+    out = dict(ref_cfg)
+    if planner.layer_counts:
+        labels = planner.layers.labels
+        for stack, count in planner.layer_counts.items():
+            keys = _STACK_COUNT_KEYS.get(labels.get(stack, ""), _LAYER_COUNT_KEYS) if len(labels) > 1 \
+                else _LAYER_COUNT_KEYS
+            for key in keys:
+                if key in out:
+                    out[key] = count
+    if planner.untied:
+        out["tie_word_embeddings"] = False
+    if vocabulary is not None:
+        out["vocab_size"] = vocabulary.size
+    return out
 
 
 def _validate_tasks(method: MergeMethod, tasks: list[TensorTask]) -> None:
@@ -214,46 +213,8 @@ def _validate_tasks(method: MergeMethod, tasks: list[TensorTask]) -> None:
             method.validate(task.params, task.name)
 
 
-def _check_input(task: TensorTask, ref: TensorSpec, spec: TensorSpec | None, model: str, config: MergeConfig,
-                 report: CompatibilityReport, name: str | None = None) -> None:
-    name = name or task.name
-    if spec is None:
-        report.missing.append(f"{name} (in {model})")
-        return
-    if not spec.is_float:
-        report.dtypes.append(f"{name}: {spec.dtype} in {model}, a float in the reference")
-        return
-    if spec.shape == ref.shape:
-        return
-    if (config.allow_vocab_mismatch and any(h in name for h in _VOCAB_HINTS) and len(spec.shape) == len(ref.shape)
-            and spec.shape[1:] == ref.shape[1:]):
-        rows = min(spec.shape[0], ref.shape[0], task.shared_rows or ref.shape[0])
-        task.shared_rows = rows
-        note = f"{name}: {model} has {spec.shape[0]} rows, the reference {ref.shape[0]}; the first {rows} are merged"
-        if rows < ref.shape[0]:
-            note += f" and the reference's last {ref.shape[0] - rows} kept"
-        report.notes.append(note)
-        return
-    report.shapes.append(f"{name}: {list(spec.shape)} in {model} vs {list(ref.shape)}")
-
-
-def _output_spec(spec: TensorSpec, config: MergeConfig) -> TensorSpec:
-    if spec.is_float and config.output_dtype:
-        return TensorSpec(config.output_dtype, spec.shape)
-    return spec
-
-
-def _depth(name: str, num_layers: int | None) -> float:
-    """mergekit's ``t`` for anchors: layer / (layers - 1) inside the blocks, 0 outside them."""
-    idx = layer_index(name)
-    if idx is None or not num_layers:
-        return 0.0
-    return idx / (num_layers - 1) if num_layers > 1 else 1.0
-
-
-def _num_layers(cfg: dict | None, specs: dict[str, TensorSpec]) -> int | None:
+def _config_layers(cfg: dict | None) -> int | None:
     for key in _LAYER_COUNT_KEYS:
         if cfg and isinstance(cfg.get(key), int):
             return cfg[key]
-    indices = {layer_index(n) for n in specs} - {None}
-    return max(indices) + 1 if indices else None
+    return None

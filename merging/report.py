@@ -75,17 +75,26 @@ td:first-child, th:first-child { text-align: left; }
 .swatch { display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.4em; border-radius: 2px;
           vertical-align: middle; }
 .meta td { text-align: left; } pre { background: #f6f8fa; padding: 1em; overflow-x: auto; }
-.chart { margin: 1.5em 0; }
+.chart { margin: 1.5em 0; } .caption { color: #444; max-width: 60em; margin: 0.2em 0 0 0; }
 """
 
 
 def report_html(stats: dict, title: str = "Mergescope merge diagnostics") -> str:
     """The report as one HTML string (plotly.js inlined once, with the first chart)."""
     meta = stats["meta"]
+    from .advice import advise
+
     charts = []
+    captions = _charts().captions(stats)
     for i, fig in enumerate(_charts().all_figures(stats)):
         charts.append('<div class="chart">' + fig.to_html(full_html=False, include_plotlyjs=(i == 0),
-                                                          default_width="100%", div_id=f"chart-{i}") + "</div>")
+                                                          default_width="100%", div_id=f"chart-{i}")
+                      + f'<p class="caption">{html.escape(captions[i])}</p></div>')
+    advice = advise(stats)
+    rec = advice["recommendation"]
+    findings = "".join(f"<li>{html.escape(f['text'])}</li>" for f in advice["findings"])
+    meaning = (f"<ul>{findings}</ul><p><b>Try:</b> {html.escape(rec['summary'])}: {html.escape(rec['reason'])}</p>"
+               + (f"<p>{html.escape(advice['alternative'])}</p>" if advice.get("alternative") else ""))
     mode = meta["mode"] + (f" ({meta['sample_fraction']:.1%} of rows; rates with {html.escape(meta['interval'])})"
                            if meta["mode"] == "sampled" else " (every element)")
     info = [
@@ -105,6 +114,8 @@ def report_html(stats: dict, title: str = "Mergescope merge diagnostics") -> str
 <h1>{html.escape(title)}</h1>
 <table class="meta">{meta_rows}</table>
 {f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}
+<h2>What this means</h2>
+{meaning}
 <h2>Whole model</h2>
 {_summary_table(stats)}
 <h2>By layer</h2>

@@ -1,4 +1,5 @@
-"""Whole-model statistics passes: what a method must know about every merged tensor before it merges any.
+"""Statistics passes: over one tensor's bands (``gather_stats``, the engine's and the analysis' per-tensor passes)
+and over the whole model: what a method must know about every merged tensor before it merges any.
 
 A method declares them as ``MergeMethod.model_stats`` (``StatsPass`` objects, as its per-tensor ``stats``); each
 pass streams every band of every merged tensor through ``collect``, sums its parts (or concatenates the keys in
@@ -21,6 +22,47 @@ import torch
 from .methods.registry import TensorContext
 
 MODEL_SAMPLE_ELEMENTS = 1 << 22  # a whole-model sampling pass keeps at most about this many elements per input
+
+
+def gather_stats(passes, params: dict, band_inputs, context, prepare, native=None):
+    """Run statistics passes over one tensor's bands and return what ``ctx.stats`` holds after them: per pass its
+    ``collect`` (or the fused ``native`` form) on every band, the parts summed or concatenated, then ``finish``.
+
+    ``band_inputs()``: a fresh iterator of (band, (base, models)) per pass; ``context(band, stats)``: a band's
+    TensorContext (band None: the whole tensor); ``prepare(base, models, stride)``: the float32 tensors ``collect``
+    sees (every ``stride``-th element); ``native(stats_pass, base, models, ctx)``: a pass's fused result on the
+    inputs as given, or None. The engine runs it on bands it reads; the analysis also on tensors in hand.
+    """
+    stats = None
+    for stats_pass in passes:
+        if stats_pass.needed is not None and not stats_pass.needed(params):
+            continue
+        if stats_pass.only_if is not None and not stats_pass.only_if(stats):
+            continue
+        combined: dict[str, torch.Tensor] = {}
+        for band, (base, models) in band_inputs():
+            ctx = context(band, stats)
+            stride = stats_pass.sample_stride
+            part = native(stats_pass, base, models, ctx) if native is not None and stride == 1 else None
+            if part is None:
+                part = stats_pass.collect(*prepare(base, models, stride), params, ctx)
+            combine(part, combined, stats_pass.concat)
+        for key in stats_pass.concat:
+            if key in combined:
+                combined[key] = torch.cat(combined[key])
+        stats = stats_pass.finish(combined, params, context(None, stats)) if stats_pass.finish else combined
+    return stats
+
+
+def combine(part: dict, combined: dict, concat: tuple[str, ...]) -> None:
+    """Add one band's statistics to the totals: summed, or collected for concatenation (keys in ``concat``)."""
+    for key, value in part.items():
+        if key not in combined:
+            combined[key] = [value] if key in concat else value
+        elif key in concat:
+            combined[key].append(value)
+        else:
+            combined[key] = combined[key] + value
 
 
 def merged_elements(task) -> int:
@@ -59,7 +101,8 @@ def model_statistics(executor):
         for task, band, base, models in executor.stream(tasks, "reduce", banded=True):
             ctx = executor.context(task, band, None, None)
             part = stats_pass.collect(*executor.stats_inputs(task, base, models, stride), task.params, ctx)
-            _combine(part, combined, stats_pass.concat)
+            combine({k: v.reshape(-1) if k in stats_pass.concat else v for k, v in part.items()}, combined,
+                    stats_pass.concat)
         for key in stats_pass.concat:
             if key in combined:
                 combined[key] = torch.cat(combined[key])
@@ -68,11 +111,3 @@ def model_statistics(executor):
         stats = stats_pass.finish(combined, params, whole) if stats_pass.finish else combined
     executor.model_stats = stats
     return stats
-
-
-def _combine(part: dict, combined: dict, concat: tuple[str, ...]) -> None:
-    for key, value in part.items():
-        if key in concat:
-            combined.setdefault(key, []).append(value.reshape(-1))
-        else:
-            combined[key] = combined[key] + value if key in combined else value

@@ -47,8 +47,9 @@ class ShardedWriter:
     """Writes planned tensors into pre-sized shards; ``write`` may be called in any order, from any thread."""
 
     def __init__(self, folder: Path, outputs: list[tuple[str, TensorSpec]], max_shard_size: int,
-                 metadata: dict | None = None) -> None:
+                 metadata: dict | None = None, stem: str = "model") -> None:
         self.folder = folder
+        self.index_name = f"{stem}.safetensors.index.json"
         groups: list[list[tuple[str, TensorSpec]]] = [[]]
         size = 0
         for name, spec in outputs:
@@ -58,8 +59,8 @@ class ShardedWriter:
             groups[-1].append((name, spec))
             size += spec.nbytes
         n = len(groups)
-        self.files = (["model.safetensors"] if n == 1
-                      else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)])
+        self.files = ([f"{stem}.safetensors"] if n == 1
+                      else [f"{stem}-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)])
         self._where: dict[str, tuple[int, int, TensorSpec]] = {}  # name -> (fd, absolute offset, spec)
         self._fds: list[int] = []
         self.weight_map: dict[str, str] = {}
@@ -113,7 +114,7 @@ class ShardedWriter:
         self.close()
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
-            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            (self.folder / self.index_name).write_text(json.dumps(index, indent=2) + "\n")
 
     def close(self) -> None:
         for fut in self._pending:
@@ -213,20 +214,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+NON_MODEL_STEM = "merge"  # weights of an output that is not a model: merge.safetensors, which from_pretrained ignores
+
+
 def write_side_files(folder: Path, plan, sources: dict, reduced) -> None:
-    """Everything beside the tensors: the reference's side files (tokenizer, generation config), config.json as
-    the plan changed it, merge_config.yml, the method's own files and the model card."""
+    """Everything beside the tensors: the reference's config and generation config, the tokenizer and processor
+    files (from the ``tokenizer_source`` model when one is named; a built vocabulary's files over them), the chat
+    template, config.json as the plan changed it, merge_config.yml, the method's own files and the model card."""
     ref = sources[plan.reference]
-    for name in ref.file_names():
-        if name == "config.json" and plan.out_config is not None:
-            continue
-        data = ref.read_file(name)
+    files = {name: ref.read_file(name) for name in ref.file_names()}
+    if plan.side_source and plan.side_source != plan.reference:
+        files = {k: v for k, v in files.items() if k in ("config.json", "generation_config.json")}
+        files.update(_tokenizer_files(plan.side_source, sources))
+    files.update(plan.side_files)
+    if plan.config.chat_template:
+        _set_chat_template(files, plan, sources)
+    files.pop("config.json", None)
+    for name, data in files.items():
         if data is not None:
             (folder / name).write_bytes(data)
-    if plan.out_config is not None:
-        out_cfg = dict(plan.out_config)
-        if plan.config.output_dtype:
-            out_cfg["torch_dtype"] = plan.config.out_dtype or plan.config.dtype
+    out_cfg = _output_config(plan, ref)
+    if out_cfg is not None:
         (folder / "config.json").write_text(json.dumps(out_cfg, indent=2) + "\n")
     config_yaml = plan.config.to_yaml()
     (folder / "merge_config.yml").write_text(config_yaml)
@@ -234,8 +242,91 @@ def write_side_files(folder: Path, plan, sources: dict, reduced) -> None:
         for name, data in plan.method.finalize(plan, reduced).items():
             (folder / name).write_bytes(data)
     (folder / "README.md").write_text(model_card(config_yaml, plan.method.name, plan.method.summary, plan.method.paper,
-                                                 plan.config.model_refs(), plan.report.notes))
+                                                 card_inputs(plan.config.model_refs()), plan.report.notes))
 
+
+def _output_config(plan, ref) -> dict | None:
+    """The reference's config.json as the plan changed it, with the output dtype under the key(s) it uses:
+    ``dtype`` (transformers 5) and/or ``torch_dtype`` (older), ``dtype`` when it has neither."""
+    if plan.out_config is None:
+        raw = ref.read_file("config.json")
+        if raw is None:
+            return None
+        try:
+            cfg = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(cfg, dict):
+            return None
+    else:
+        cfg = dict(plan.out_config)
+    dtype = plan.config.out_dtype or plan.config.dtype
+    if dtype:
+        for key in [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]:
+            cfg[key] = dtype
+    return cfg
+
+
+def _tokenizer_files(model: str, sources: dict) -> dict[str, bytes | None]:
+    from .sources import open_source
+
+    src = sources.get(model)
+    opened = src is None
+    src = src or open_source(model)
+    try:
+        return {n: src.read_file(n) for n in src.file_names() if n not in ("config.json", "generation_config.json")}
+    finally:
+        if opened:
+            src.close()
+
+
+def _set_chat_template(files: dict, plan, sources: dict) -> None:
+    """``chat_template``: a named template, the inputs' most common one (``auto``), or the Jinja text itself, written
+    as chat_template.jinja (and dropped from tokenizer_config.json, where transformers would look first)."""
+    from collections import Counter
+
+    from .config import CHAT_TEMPLATES
+
+    choice = plan.config.chat_template
+    if choice == "auto":
+        found = [t for t in (_chat_template_of(sources[r]) for r in plan.config.model_refs()) if t]
+        if not found:
+            plan.report.notes.append("chat_template auto: no input has a chat template; none written")
+            return
+        template = Counter(found).most_common(1)[0][0]
+    else:
+        template = CHAT_TEMPLATES.get(choice, choice)
+    files["chat_template.jinja"] = template.encode()
+    files.pop("chat_template.json", None)
+    if files.get("tokenizer_config.json"):
+        try:
+            cfg = json.loads(files["tokenizer_config.json"])
+        except ValueError:
+            return
+        if isinstance(cfg, dict) and "chat_template" in cfg:
+            del cfg["chat_template"]
+            files["tokenizer_config.json"] = json.dumps(cfg, indent=2).encode()
+
+
+def _chat_template_of(src) -> str | None:
+    raw = src.read_file("chat_template.jinja")
+    if raw is not None:
+        return raw.decode("utf-8", "replace").strip()
+    raw = src.read_file("tokenizer_config.json")
+    try:
+        template = json.loads(raw).get("chat_template") if raw else None
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    return template.strip() if isinstance(template, str) else None
+
+
+def card_inputs(refs: list[str]) -> list[str]:
+    """The inputs as a model card lists them: local paths made absolute (so that a push never mistakes
+    ``checkpoints/ft_a`` for a Hub repo id), Hub ids as written; ``model+lora`` parts each so."""
+    return ["+".join(os.path.abspath(p) if os.path.exists(p) else p for p in ref.split("+")) for ref in refs]
 
 
 def model_card(config_yaml: str, method_name: str, method_summary: str, paper: str, inputs: list[str],

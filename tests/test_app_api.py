@@ -286,3 +286,21 @@ def test_on_a_space_visitors_never_use_the_owners_token(monkeypatch):
     settings = AppSettings.from_env()
     assert settings.on_space and not settings.allow_local_paths
     assert drop_space_owner_token(settings) and "HF_TOKEN" not in os.environ
+
+
+def test_analyze_endpoint_returns_the_statistics_and_the_advice(client, demo_yaml):
+    stats = client.predict(demo_yaml, api_name="/analyze")
+    assert {"schema_version", "meta", "config_yaml", "model", "groups", "tensors", "advice"} == set(stats)
+    advice = stats["advice"]
+    assert 3 <= len(advice["findings"]) <= 8 and all(f["text"] for f in advice["findings"])
+    rec = advice["recommendation"]
+    assert rec["method"] and rec["reason"] and parse_config(yaml.safe_dump(rec["config"]))
+
+
+def test_the_pages_labels_agree_with_the_library():
+    from components import analysis_panel
+    from merging import charts
+    from merging.analysis import DEFAULT_SAMPLE_FRACTION
+
+    assert len(analysis_panel.CHART_TABS) == len(charts.CHARTS)  # one tab per chart, in its order
+    assert DEFAULT_SAMPLE_FRACTION == 0.05 and analysis_panel.SAMPLED == "sampled (5 % of rows)"  # as the README

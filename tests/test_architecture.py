@@ -13,14 +13,14 @@ MAX_LINES = 450
 # The rooms, bottom first. A module may import its own room and the rooms below it, never one above.
 ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("foundations", ("merging.errors", "merging.safetensors_io", "merging.synthetic", "merging.bands",
-                     "merging.memory")),
+                     "merging.memory", "merging.architectures", "merging.yaml_budget")),
     ("sources and kernels", ("merging.sources", "merging.native")),
     ("methods", ("merging.methods", "merging.params")),
     ("config", ("merging.config",)),
-    ("plan", ("merging.plan",)),
+    ("plan", ("merging.plan", "merging.tasks", "merging.slices", "merging.tokenizers")),
     ("engine", ("merging.engine", "merging.resources", "merging.writer", "merging.whole_model")),
-    ("library top", ("merging.analysis", "merging.hub", "merging.zoo", "merging.evaluate", "merging.report",
-                     "merging.charts",
+    ("library top", ("merging.analysis", "merging.advice", "merging.hub", "merging.zoo", "merging.evaluate",
+                     "merging.report", "merging.charts",
                      "merging.bench", "merging.demo", "merging.inspect", "merging.emr_store", "merging.emr_cli",
                      "merging.analysis_cli", "merging.methods_cli", "merging.__main__", "merging")),
     ("ui", ("components",)),

@@ -45,7 +45,7 @@ def _per_model_traces(fig: go.Figure, stats: dict, per_model: int) -> None:
         for trace in traces:
             color = trace.marker.color if isinstance(trace, go.Bar) else trace.line.color
             assert color == colors[model]
-            assert "%{y:.6g}" in trace.hovertemplate or "%{customdata}" in trace.hovertemplate
+            assert "%{y:.3g}" in trace.hovertemplate or "%{customdata}" in trace.hovertemplate
 
 
 def test_model_colors_are_distinct_and_stable():
@@ -146,6 +146,41 @@ def test_all_figures_in_order(stats):
     assert all(isinstance(f, go.Figure) and f.layout.title.text for f in figures)
 
 
+def test_numbers_in_legends_and_hovers_have_three_significant_digits(stats):
+    import re
+
+    for fig in charts.all_figures(stats):
+        for trace in fig.data:
+            text = " ".join(str(x) for x in [trace.name or "", trace.hovertemplate or "",
+                                              *(trace.customdata if isinstance(trace.customdata, tuple)
+                                                and trace.customdata and isinstance(trace.customdata[0], str)
+                                                else [])])
+            assert ".6g" not in text
+            for number in re.findall(r"\d+\.\d+(?:e-?\d+)?", text):
+                digits = number.split("e")[0].replace(".", "").lstrip("0")
+                assert len(digits) <= 3, (fig.layout.title.text, number)
+
+
+def test_emr_charts_stack_their_panels_without_overlap(stats):
+    for fig in (charts.emr_modulators_chart(stats), charts.emr_reconstruction_chart(stats)):
+        domains = sorted(fig.layout[name].domain for name in fig.layout if name.startswith("yaxis"))
+        assert len(domains) in (2, 3)
+        assert all(low[1] < high[0] for low, high in zip(domains, domains[1:]))  # one above the other, with a gap
+        assert all(fig.layout[name].domain == (0.0, 1.0) for name in fig.layout if name.startswith("xaxis"))
+        assert fig.layout.legend.orientation == "h"  # under the plot: the width goes to the data
+
+
+def test_every_chart_has_a_caption_that_reads_the_statistic(stats):
+    texts = charts.captions(stats)
+    assert len(texts) == len(charts.CHARTS)
+    n = len(stats["meta"]["models"])
+    assert f"{100 * (1 - 2 ** (1 - n)):.3g} %" in texts[0]
+    assert "ties merge" in texts[charts.CHARTS.index(charts.merged_distance_chart)]
+    assert "TSV-M" in texts[charts.CHARTS.index(charts.spectral_chart)]
+    for text in texts:
+        assert 100 < len(text) < 600 and "{" not in text
+
+
 def test_report_is_standalone_with_plotly_inlined(sampled_stats, tmp_path):
     path = write_report(sampled_stats, tmp_path / "report.html")
     page = path.read_text()
@@ -153,6 +188,7 @@ def test_report_is_standalone_with_plotly_inlined(sampled_stats, tmp_path):
     assert "plotly.js v" in page and '<script src="http' not in page
     assert page.count("plotly.js v") <= 2  # the library once (its banner may name itself twice), not per chart
     assert len(page) > 1_000_000  # the bundle itself is inlined
-    assert page.count('class="chart"') == 8
+    assert page.count('class="chart"') == 8 and page.count('class="caption"') == 8
+    assert "What this means" in page and "<b>Try:</b>" in page
     assert "ft0" in page and "sampled" in page
     assert report_html(sampled_stats) == page

@@ -170,7 +170,7 @@ def test_packed_masks_take_one_bit_and_round_trip(shape):
 def test_stored_masks_are_one_bit_per_element(family, tmp_path):
     base_dir, tune_dirs = family
     run_merge(parse_config(emr_config(base_dir, tune_dirs)), tmp_path / "out")
-    header, _ = read_local_header(tmp_path / "out" / "model.safetensors")
+    header, _ = read_local_header(tmp_path / "out" / "merge.safetensors")  # an EMR store, not a model
     for name, spec in load_folder(base_dir).items():
         for k in range(3):
             info = header[f"emr.mask.{k}.{name}"]
@@ -293,7 +293,7 @@ def test_storage_report_counts_every_stored_byte(family, tmp_path):
     assert s["checkpoint_bytes"] == 7248 * 4 and s["n_checkpoints_bytes"] == 3 * 28992 == 86976
     assert s["emr_to_n_checkpoints"] == pytest.approx(39542 / 86976)
     # ... and the report is what the files hold: the safetensors data section has exactly these bytes.
-    header, _ = read_local_header(tmp_path / "out" / "model.safetensors")
+    header, _ = read_local_header(tmp_path / "out" / "merge.safetensors")  # an EMR store, not a model
     assert sum(info.nbytes for info in header.values()) == 24896 + 2334 + 12288
 
 

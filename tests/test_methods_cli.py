@@ -59,6 +59,8 @@ def test_every_method_merges_through_the_cli(name, family, tmp_path, capsys):
     assert main(["merge", str(config_path), str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
     merged = load_folder(out)  # loadable: every file parses as safetensors
     assert (out / "config.json").is_file() and (out / "README.md").is_file()
+    # an output that is not a model (EMR) must not load as one: its tensors are not in model.safetensors
+    assert (out / "model.safetensors").exists() == method.model_output
     if method.outputs is None:
         expected = {n: (tuple(t.shape), t.is_floating_point()) for n, t in load_folder(base).items()}
         assert set(merged) == set(expected)

@@ -1,7 +1,7 @@
 """Merge diagnostics: where the fine-tunes agree, where they fight, and how the configured method resolves it.
 
 From the same config as a merge, one streaming pass over the plan's tensor tasks gathers, per tensor, additive
-sums from which every statistic is derived per tensor, per layer (the block index of ``merging.plan.layer_index``;
+sums from which every statistic is derived per tensor, per layer (the block of ``merging.architectures.Layers``;
 embeddings, head and the rest as their own groups) and for the whole model. An exact pass goes by the engine's row
 bands, like a merge: each tensor first gets the trim's exact top-k cuts (and a sparsifying method's own) from the
 engine's statistics passes, a strided sample and a counting pass over bands held or served by the page cache, so a

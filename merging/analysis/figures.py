@@ -11,13 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..architectures import Layers
 from ..methods.coefficients import nan_coefficients
-from ..plan import TensorTask, layer_index
+from ..plan import TensorTask
 from .estimate import finite, rates
 from .sums import TensorSums
 
 _HEAD_HINTS = ("lm_head", "embed_out", "classifier", "score.", "head.")
-_EMBED_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "cls_token", "pos_")
+_EMBED_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "cls_token", "pos_", "shared.weight")
 _GROUP_ORDER = {"embeddings": 0, "layer": 1, "head": 2, "other": 3}
 
 
@@ -100,11 +101,12 @@ def derive(sums: TensorSums, ctx: StatsContext) -> dict[str, Any]:
     }
 
 
-def group_of(name: str) -> tuple[str, str, int | None]:
-    """(group name, kind, layer) of a tensor: ``layer N`` inside the blocks, else embeddings, head or other."""
-    idx = layer_index(name)
-    if idx is not None:
-        return f"layer {idx}", "layer", idx
+def group_of(name: str, layers: Layers | None = None) -> tuple[str, str, int | None]:
+    """(group name, kind, layer) of a tensor: ``layer N`` inside the blocks (``encoder N`` / ``decoder N`` in a model
+    with several stacks, as ``layers`` of all its names tells), else embeddings, head or other."""
+    found = (layers or Layers.of([name])).group(name)
+    if found is not None:
+        return found[0], "layer", found[1]
     if any(h in name for h in _HEAD_HINTS) or name == "output.weight":
         return "head", "head", None
     if any(h in name for h in _EMBED_HINTS):
@@ -124,13 +126,20 @@ def figures(per_tensor: list[tuple[TensorTask, TensorSums]], whole: TensorSums,
     grouped: dict[str, list[TensorSums]] = {}
     kinds: dict[str, tuple[str, int | None]] = {}
     tensors = []
+    layers = Layers.of([task.name for task, _ in per_tensor])
+    stack_rank = {label: i for i, label in enumerate(dict.fromkeys(layers.labels[s] for s in layers.counts))}
     for task, sums in per_tensor:
-        group, kind, layer = group_of(task.name)
+        group, kind, layer = group_of(task.name, layers)
         grouped.setdefault(group, []).append(sums)
         kinds[group] = (kind, layer)
         tensors.append({"name": task.name, "group": group, "shape": list(task.spec.shape), **derive(sums, ctx)})
     groups = []
-    for group in sorted(grouped, key=lambda g: (_GROUP_ORDER[kinds[g][0]], kinds[g][1] or 0)):
+    def order(group: str) -> tuple[int, int, int]:
+        kind, layer = kinds[group]
+        stack = stack_rank.get(group.rsplit(" ", 1)[0], 0) if kind == "layer" else 0
+        return _GROUP_ORDER[kind], stack, layer or 0
+
+    for group in sorted(grouped, key=order):
         kind, layer = kinds[group]
         groups.append({"name": group, "kind": kind, "layer": layer, "tensors": len(grouped[group]),
                        **derive(TensorSums.add(grouped[group]), ctx)})

@@ -19,7 +19,8 @@ TOP_LEVEL: tuple[tuple[Key, str], ...] = (
     ("meta", "how the statistics were gathered (below)"),
     ("config_yaml", "the merge config, as YAML"),
     ("model", "the statistics of the whole model (a *stats object*, below)"),
-    ("groups", "one stats object per group, in model order: `embeddings`, `layer 0` … `layer L−1`, `head`, `other` "
+    ("groups", "one stats object per group, in model order: `embeddings`, `layer 0` … `layer L−1` (per stack in a "
+               "model with several: `encoder 0` …, `decoder 0` …), `head`, `other` "
                "(only groups that have tensors); each also has `name`, `kind` (`embeddings`/`layer`/`head`/`other`), "
                "`layer` (the block index or null) and `tensors` (how many)"),
     ("tensors", "one stats object per analyzed tensor, with `name`, `group` and `shape`"),

@@ -73,10 +73,13 @@ def hub_model_card(text: str) -> str:
         return text
     repo_ids = []
     for b in [bases] if isinstance(bases, str) else list(bases):
-        try:
-            repo_ids.append(parse_ref(str(b)).repo_id)
-        except SourceError:
-            continue  # a local path: listed in the card's body, not a Hub link
+        for part in str(b).split("+"):  # mergekit's model+lora: both are inputs
+            if os.path.exists(part):
+                continue  # a local folder (`checkpoints/ft_a` parses as a repo id, but is not one)
+            try:
+                repo_ids.append(parse_ref(part).repo_id)
+            except SourceError:
+                continue  # a local path: listed in the card's body, not a Hub link
     repo_ids = list(dict.fromkeys(repo_ids))
     if repo_ids == ([bases] if isinstance(bases, str) else bases):
         return text

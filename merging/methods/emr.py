@@ -29,7 +29,9 @@ shows this lifts task arithmetic and TIES. The other method's parameters are pas
 ``emr_rescale`` declares them (weight, density, gamma, epsilon, normalize); the rest take that method's defaults.
 Its ``lambda`` is left at 1: the rescalers cancel any overall scale of τ_uni.
 
-Stored in the output folder (names in ``model.safetensors`` or its shards):
+Stored in the output folder, in ``merge.safetensors`` (or its shards ``merge-0000k-of-0000n.safetensors``): not
+``model.safetensors``, so that transformers refuses the folder instead of loading a model without its weights
+(the folder is not a model; ``emr-extract`` writes one):
     emr.tau_uni.<name>   τ_uni in the output dtype, the base's shape
     emr.mask.<k>.<name>  task k's mask, 1 bit per element (uint8, numpy.packbits order: row-major, first element
                          in the most significant bit, the last byte padded with zeros), ceil(numel / 8) bytes
@@ -373,7 +375,7 @@ register(MergeMethod(
     summary="elect one unified task vector, store a 1-bit mask and a rescaler per task; rebuild any task with "
             "emr-extract",
     paper=PAPER, params=(RESCALER, SKIP), presets=(VISION,), base="required", min_models=1,
-    reduce=_emr_reduce, reduce_needed=check_plan, finalize=emr_finalize, outputs=emr_outputs,
+    reduce=_emr_reduce, reduce_needed=check_plan, finalize=emr_finalize, outputs=emr_outputs, model_output=False,
     elementwise=True,  # τ_uni and the masks are per element; the rescaler sums add up over row bands
     reduce_after_merge=True,  # the rescalers only go to emr.json: gathered in the merge pass, no second read
     native=_emr_native, native_reduce=_emr_native_reduce, unified=_unified_of, skipped=_skipped,
@@ -402,5 +404,6 @@ register(MergeMethod(
             RESCALER, SKIP),
     presets=(VISION,), base="required", min_models=1, randomized=False,
     reduce=_rescale_reduce, reduce_needed=check_plan, finalize=emr_finalize, outputs=emr_outputs,
-    reduce_after_merge=True, unified=_unified_of, skipped=_skipped, rescaler_from_means=_rescaler_from_means,
+    model_output=False, reduce_after_merge=True, unified=_unified_of, skipped=_skipped,
+    rescaler_from_means=_rescaler_from_means,
 ))

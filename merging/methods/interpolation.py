@@ -115,7 +115,7 @@ register(MergeMethod(
     paper="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH)",
     params=(Param("t", float, 0.5, "position on the arc from the base (0) to the other model (1)", min=0.0, max=1.0),),
     presets=(Preset("halfway", "halfway along the arc: t = 0.5", {"t": 0.5}),),
-    base="required", min_models=1, max_models=1,
+    base="required", min_models=1, max_models=1, ignored=("weight",),
 ))
 
 register(MergeMethod(
@@ -133,5 +133,5 @@ register(MergeMethod(
     summary="moves from the base toward the fine-tunes' average by an amount set by their offsets' angle",
     paper="Jang et al. 2024, Model Stock (arXiv:2403.19522)",
     params=(Param("filter_wise", bool, False, "one interpolation ratio per row instead of per tensor"),),
-    base="required", min_models=2,
+    base="required", min_models=2, ignored=("weight",),
 ))

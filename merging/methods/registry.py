@@ -160,7 +160,9 @@ class MergeMethod:
         mergekit's non-base inputs; default: only for a required base),
         ``validate(params, where)`` (rules between parameters, on resolved values; raises ConfigError): run on
         the config at its probe points (``merging.params.probe_points``) and on every tensor's values when the
-        merge is planned, so a config the app calls valid never fails on its first tensor.
+        merge is planned, so a config the app calls valid never fails on its first tensor;
+        ``ignored``: parameters mergekit configs give this method that it does not use (``weight`` on slerp):
+        accepted, and the report says they were ignored.
     How it computes, per output tensor (``fn(base, models, params, ctx)``: float32 tensors, parameters resolved
     for this tensor with per-model ones as lists, a ``TensorContext``; returns a tensor, or a dict of outputs):
         ``elementwise`` (True, or a function of the plan): each output element depends only on the inputs at that
@@ -181,7 +183,9 @@ class MergeMethod:
         tensor's ``reduce`` needs its ``stats`` passes first, e.g. to merge it: ``ctx.stats`` is None otherwise).
     What it writes:
         ``outputs(task)`` (the (name, spec) pairs written for one input tensor, when not one tensor of the same
-        name), ``finalize(plan, reduced)`` (extra files for the output folder).
+        name), ``finalize(plan, reduced)`` (extra files for the output folder), ``model_output`` (False when the
+        output is not a model by itself, as EMR's: its tensors go to ``merge.safetensors``, so transformers
+        refuses the folder instead of loading a model without its weights).
     What the analysis needs to know about it (``merging.analysis``):
         ``trim_key``: the key of ``ctx.stats`` holding the method's own magnitude top-k cuts of each task vector
         at its ``density`` (per model a list of ``selection.Cut``, the first its top-k): the analysis' trim
@@ -207,6 +211,7 @@ class MergeMethod:
     max_models: int | None = None
     separate_base: bool = False
     validate: Callable[[dict[str, Any], str], None] | None = None
+    ignored: tuple[str, ...] = ()
     elementwise: bool | Callable[..., bool] = False
     stats: tuple[StatsPass, ...] = ()
     native: Callable[..., tuple[Any, int | None] | None] | None = None
@@ -219,6 +224,7 @@ class MergeMethod:
     native_reduce: Callable[..., torch.Tensor | None] | None = None
     outputs: Callable[..., list] | None = None
     finalize: Callable[..., dict[str, bytes]] | None = None
+    model_output: bool = True
     trim_key: str | None = None
     unified: Callable[[dict, str], torch.Tensor | None] | None = None
     skipped: Callable[[str, dict], bool] | None = None

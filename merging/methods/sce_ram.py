@@ -92,12 +92,12 @@ register(MergeMethod(
     params=(Param("select_topk", float, 1.0, "fraction of the entries (those that vary across models) kept, by "
                   "variance across the models", min=0.0, max=1.0),
             Param("int8_mask", bool, False, "accepted for mergekit compatibility; no effect here")),
-    base="required", min_models=1,
+    base="required", min_models=1, ignored=("weight",),
 ))
 
 register(MergeMethod(
     name="ram", fn=ram, summary="an entry changed by one model keeps its change; one changed by several, their mean",
-    paper=RAM_PAPER, params=(EPSILON,), base="required", min_models=1, elementwise=True,
+    paper=RAM_PAPER, params=(EPSILON,), base="required", min_models=1, elementwise=True, ignored=("weight",),
 ))
 
 register(MergeMethod(
@@ -106,7 +106,7 @@ register(MergeMethod(
     paper=RAM_PAPER,
     params=(Param("r", float, 0.1, "how strongly sharing amplifies a model's unique entries", min=0.0),
             Param("alpha", float, 0.2, "the cap on the shared / unique ratio ρ", min=0.0), EPSILON),
-    base="required", min_models=1, elementwise=True,
+    base="required", min_models=1, elementwise=True, ignored=("weight",),
     stats=(StatsPass(lambda base, models, params, ctx: {"ram_counts": ram_counts(base, models, params["epsilon"])},
                      finish=lambda combined, params, ctx: {**(ctx.stats or {}), **combined}),),
 ))

@@ -119,5 +119,5 @@ register(MergeMethod(
     params=(Param("max_iter", int, 10, "Riemannian gradient steps at most", min=0),
             Param("tol", float, 1e-5, "stop when the tangent step is shorter; inputs of smaller norm are ignored",
                   min=0.0, min_exclusive=True)),
-    base="optional", separate_base=True, min_models=1,
+    base="optional", separate_base=True, min_models=1, ignored=("weight",),
 ))

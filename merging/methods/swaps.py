@@ -51,7 +51,7 @@ register(MergeMethod(
     summary="takes the other model's value where the two are within t, moves toward it elsewhere by t / |difference|",
     paper="alchemonaut 2024, NearSwap (mergekit; huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001)",
     params=(Param("t", float, 0.0001, "the distance under which the other model's value is taken", min=0.0),),
-    base="required", min_models=1, max_models=1, elementwise=True,
+    base="required", min_models=1, max_models=1, elementwise=True, ignored=("weight",),
 ))
 
 register(MergeMethod(
@@ -59,5 +59,5 @@ register(MergeMethod(
     summary="takes the other model's change only at its most important entries (|Δ| × per-row KL, above the "
             "upper Tukey fence)",
     paper="Arcee AI 2024, Arcee Fusion (mergekit's arcee_fusion)",
-    params=(), base="required", min_models=1, max_models=1,
+    params=(), base="required", min_models=1, max_models=1, ignored=("weight",),
 ))

@@ -72,6 +72,10 @@ class CheckpointSource(ABC):
         """How many tensor bytes this source has read so far (for reports and tests)."""
         return 0
 
+    def notes(self) -> list[str]:
+        """What a user should know about how this source is read (an adapter's base, a fused layout)."""
+        return []
+
     def close(self) -> None:
         pass
 

@@ -37,7 +37,7 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 
 from ..errors import SourceError
 from .base import CheckpointSource
-from .local import INDEX_NAME, PICKLE_HINT, PICKLE_SUFFIXES, SIDE_FILES, open_local
+from .local import INDEX_NAME, PICKLE_HINT, PICKLE_SUFFIXES, is_side_file, open_local
 from .safetensors_files import ByteReader, SafetensorsCheckpoint, shard_files_from_index
 
 HEADER_PREFETCH = 64 * 1024  # bytes fetched by the first request: the size and (usually) the whole header
@@ -335,7 +335,7 @@ def open_hub(repo_id: str, revision: str, *, label: str, token: str | None, endp
         url = hf_hub_url(repo_id, filename, revision=commit, endpoint=endpoint)
         return HubFile(url, repo_id, revision, filename, token, retries=retries, backoff_s=backoff_s)
 
-    side_names = [f for f in SIDE_FILES if f in files]
+    side_names = [f for f in files if is_side_file(f)]
 
     def download(patterns: list[str]) -> str:
         from huggingface_hub import snapshot_download

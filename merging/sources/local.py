@@ -4,6 +4,7 @@ adapter, or (only when asked) a PyTorch pickle."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -13,11 +14,25 @@ from ..safetensors_io import DTYPE_NAMES
 from .base import CheckpointSource, TensorSpec
 from .safetensors_files import LocalFile, SafetensorsCheckpoint, shard_files_from_index
 
-SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "chat_template.jinja",
-    "preprocessor_config.json",
-)
+# Side files copied from the reference into a merged checkpoint: the config, the generation config, and every
+# tokenizer and processor file a repo ships (fast and slow tokenizers, SentencePiece and tiktoken models, BPE vocab
+# and merges, WordPiece vocab, added and special tokens, chat templates, image/audio/video processors).
+SIDE_FILES = ("config.json", "generation_config.json")
+_SIDE_PATTERN = re.compile(
+    r"^(?:[\w.-]*token[\w.-]*\.(?:json|model|txt)|[\w.-]*\.(?:model|tiktoken)|[\w.-]*vocab[\w.-]*\.(?:json|txt)"
+    r"|merges\.txt|[\w.-]*chat_template[\w.-]*\.(?:jinja|json)|(?:pre)?processor_config\.json"
+    r"|[\w-]*(?:image|video|audio)_processor[\w.-]*\.json|feature_extractor_config\.json"
+    r"|[\w-]*preprocessor_config\.json|spiece\.model|bpe\.codes|qwen\.tiktoken)$")
+_NOT_SIDE = ("adapter_config.json", "training_args", "trainer_state", "optimizer", "scheduler", "rng_state")
+
+
+def is_side_file(name: str) -> bool:
+    """Whether a top-level file of a checkpoint is copied into merged outputs (config, tokenizer, processor)."""
+    if "/" in name or name.startswith(".") or any(bad in name for bad in _NOT_SIDE):
+        return False
+    return name in SIDE_FILES or bool(_SIDE_PATTERN.match(name))
+
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_HINT = ("PyTorch pickles can run arbitrary code when loaded, so they are refused; convert the checkpoint "
@@ -36,7 +51,7 @@ def open_local(path: str, *, allow_pickle: bool = False) -> CheckpointSource:
         raise SourceError(f"{path}: not a .safetensors file or a checkpoint folder")
     if not p.is_dir():
         raise SourceError(f"{path}: no such file or folder")
-    side = {name: _file_loader(p / name) for name in SIDE_FILES if (p / name).is_file()}
+    side = {f.name: _file_loader(f) for f in sorted(p.iterdir()) if f.is_file() and is_side_file(f.name)}
     if (p / INDEX_NAME).is_file():
         files = shard_files_from_index((p / INDEX_NAME).read_bytes(), path)
         missing = [f for f in files if not (p / f).is_file()]
