@@ -24,7 +24,7 @@ from .common import AppSettings, failure, hf_token, hub_resolver, human_bytes, l
 from .sessions import SessionStore
 
 # One tab per chart of merging.charts.CHARTS, in its order (tests/test_app_api.py checks they agree).
-CHART_TABS = ("Signs", "Norms", "NAN", "Cosine", "EMR masks", "EMR rebuild", "Distance")
+CHART_TABS = ("Signs", "Norms", "NAN", "Cosine", "EMR masks", "EMR rebuild", "Distance", "Spectra")
 N_PLOTS = len(CHART_TABS)
 SAMPLED = f"sampled ({100 * DEFAULT_SAMPLE_FRACTION:g} % of rows)"
 MODES = ["auto", "exact", SAMPLED]

@@ -258,7 +258,7 @@ def form_from_config(data: Mapping, current: FormState,
     global_params = copy.deepcopy(current.global_params)
     shown = global_params.setdefault(method.name, {})
     for p in global_form_params(method):
-        value = gparams.get(p.name, p.default)
+        value = p.normalized(gparams.get(p.name, p.default))  # mergekit's `rescale: true` is the form's `l1`
         if p.type is list:
             value = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value or "")
         elif not _is_scalar(value):

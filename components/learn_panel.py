@@ -1,6 +1,6 @@
 """Learn: what merging does, measured on the demo zoo (``assets/zoo``) in seconds, for teaching.
 
-Four charts, each with a plain-language note: the EMR paper's table on the zoo (read from ``table.json``, never
+Four charts, each with a plain-language note: the merging papers' table on the zoo (read from ``table.json``, never
 recomputed at page load), a λ slider for task arithmetic with per-task accuracy updating live, the Git Re-Basin
 barrier curve, and EMR-Merging step by step. The numbers come from ``merging.zoo.learn``; the figures from
 ``components.learn_charts``.
@@ -45,9 +45,10 @@ random gets 10 % on the digit tasks and 50 % on the yes/no tasks."""
 
 TABLE_TEXT = """**The table.** Each method merges the same 8 fine-tunes into one model. *Average* is the share of
 test images it gets right, averaged over the tasks; *normalized* divides each task's score by that task's own
-fine-tune first (100 % = as good as keeping 8 separate models). The red diamonds are the EMR paper's averages for
-the same method on a much larger model (ViT-B/32 on 8 photo datasets): the ranking, more than the numbers, is
-what to compare."""
+fine-tune first (100 % = as good as keeping 8 separate models). The red diamonds are what each method's own paper
+reports for it on a much larger model (ViT-B/32 on 8 photo datasets; the hover names the paper's table): the
+ranking, more than the numbers, is what to compare. Where a paper picks a scale on held-out data, the row's was
+picked on the zoo's validation images, never its test images."""
 
 LAMBDA_TEXT = """**Task arithmetic.** A *task vector* is what fine-tuning changed: τ = fine-tune − base. Task
 arithmetic adds all of them to the base, scaled by one number: θ = θ_base + λ (τ₁ + … + τ₈). At λ = 0 you have

@@ -220,8 +220,66 @@ def merged_distance_chart(stats: dict) -> go.Figure:
                    "layer group", "‖θ_merged − θ_i‖ / ‖τ_i‖")
 
 
+def _spectral_values(groups: list[dict], key: str, i: int | None = None) -> list[float | None]:
+    out = []
+    for g in groups:
+        spectral = g.get("spectral")
+        value = spectral.get(key) if spectral else None
+        out.append(value[i] if value is not None and i is not None else value)
+    return out
+
+
+def spectral_chart(stats: dict) -> go.Figure:
+    """The task matrices' spectra (``spectral`` in the statistics): by layer, each task vector's effective rank over
+    its rank and the share of its energy in the top 5 % of singular directions; the overlap of the tasks' top
+    singular subspaces (the interference TSV-M removes) and the flatness of the summed task vector's spectrum
+    (what Iso-C makes 1); and the singular values of the tensor whose tasks overlap most."""
+    groups, names = _groups(stats)
+    models, labels, colors = _models(stats)
+    fig = make_subplots(rows=2, cols=2, vertical_spacing=0.18, horizontal_spacing=0.1, subplot_titles=(
+        "effective rank / rank", "energy in the top 5 % of directions", "between tasks and in their sum",
+        "singular values of the most overlapping tensor"))
+    for i, (model, label) in enumerate(zip(models, labels)):
+        for col, key in ((1, "effective_rank_ratio"), (2, "energy_top_5")):
+            fig.add_trace(go.Scatter(
+                x=names, y=_spectral_values(groups, key, i), name=label, legendgroup=model, showlegend=col == 1,
+                mode="lines+markers", line=dict(color=colors[model]), marker=dict(color=colors[model]),
+                hovertemplate=f"{label}<br>%{{x}}<br>{key.replace('_', ' ')}: %{{y:.4g}}<extra></extra>"),
+                row=1, col=col)
+    for key, label, color in (("interference", "subspace overlap (mean over pairs)", NEUTRAL[1]),
+                              ("sum_flatness", "flatness of Σ τ_i (1 = isotropic)", NEUTRAL[0])):
+        fig.add_trace(go.Scatter(x=names, y=_spectral_values(groups, key), name=label, mode="lines+markers",
+                                 line=dict(color=color, dash="dot"), marker=dict(color=color),
+                                 hovertemplate=f"%{{x}}<br>{label}: %{{y:.4g}}<extra></extra>"), row=2, col=1)
+    tensors = [t for t in stats.get("tensors", []) if t.get("spectral") and t["spectral"].get("interference")
+               is not None]
+    if tensors:
+        worst = max(tensors, key=lambda t: t["spectral"]["interference"])
+        for i, (model, label) in enumerate(zip(models, labels)):
+            values = worst["spectral"]["singular_values"][i]
+            fig.add_trace(go.Scatter(
+                x=list(range(1, len(values) + 1)), y=values, name=label, legendgroup=model, showlegend=False,
+                mode="lines", line=dict(color=colors[model]),
+                hovertemplate=f"{label}<br>σ_%{{x}} / ‖τ‖ = %{{y:.4g}}<br>{worst['name']}<extra></extra>"),
+                row=2, col=2)
+        fig.update_xaxes(title_text=f"j ({worst['name']})", row=2, col=2)
+    whole = (stats.get("model") or {}).get("spectral") or {}
+    note = ""
+    if whole.get("method") not in (None, "exact"):
+        bound = max(whole["error_bound"]) if whole.get("error_bound") else None
+        note = " (randomized SVD above 1M elements" + (f", residual ≤ {bound:.2g} of ‖τ‖" if bound else "") + ")"
+        if whole.get("method") == "sampled":
+            note = " (from the sampled rows)"
+    fig = _finish(fig, "Spectra of the task matrices: how low-rank, how overlapping, how flat" + note, "", "",
+                  height=720, legend=dict(title="model", orientation="h", y=-0.12))
+    fig.update_yaxes(range=[0, 1], row=1, col=1)
+    fig.update_yaxes(range=[0, 1], row=1, col=2)
+    fig.update_yaxes(title_text="σ_j / ‖τ_i‖_F", row=2, col=2)
+    return fig
+
+
 CHARTS = (sign_conflict_chart, task_vector_norm_chart, nan_coefficients_chart, cosine_similarity_heatmap,
-          emr_modulators_chart, emr_reconstruction_chart, merged_distance_chart)
+          emr_modulators_chart, emr_reconstruction_chart, merged_distance_chart, spectral_chart)
 
 
 def all_figures(stats: dict) -> list[go.Figure]:
@@ -260,6 +318,12 @@ CAPTIONS = {
         "How far the configured {method} merge lands from each fine-tune, ‖θ_merged − θ_i‖ / ‖τ_i‖ per layer group: "
         "0 is that fine-tune, 1 as far as the base, above 1 the merge moved away from that task. Lines far apart "
         "mean the merge favours some models."),
+    "spectral_chart": (
+        "The task matrices' singular values per layer group. Top: each fine-tune's effective rank over its rank (low "
+        "= a few directions carry the change) and its energy in the top 5 % of directions. Bottom left: the overlap "
+        "of the tasks' top singular subspaces (0 = disjoint, 1 = the same directions; above about 0.3 the tasks "
+        "compete, where TSV-M helps) and the flatness of the summed spectrum (1 = isotropic; low is what Iso-C "
+        "flattens). Bottom right: the spectra of the most overlapping tensor."),
 }
 
 

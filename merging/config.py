@@ -356,8 +356,9 @@ def slice_base(config: MergeConfig, sl: Slice) -> str | None:
 
 
 def slice_inputs(method: MergeMethod, sl: Slice, base: str | None) -> list[SliceSource]:
-    """The sources a method combines in one slice: all but the base's, for methods built on a base."""
-    if method.base == "required":
+    """The sources a method combines in one slice: all but the base's, for methods built on a base (or that keep
+    an optional base apart, ``separate_base``)."""
+    if method.base == "required" or method.separate_base:
         return [s for s in sl.sources if s.model != base]
     return list(sl.sources)
 
@@ -375,9 +376,10 @@ def _check_model_count(method: MergeMethod, n: int, source: str) -> None:
 
 def input_entries(config: MergeConfig, method: MergeMethod, models: list[ModelEntry] | None = None
                   ) -> list[ModelEntry]:
-    """The models a method combines: for methods built on a base, every model except the base itself."""
+    """The models a method combines: for methods built on a base (or that keep an optional base apart,
+    ``separate_base``), every model except the base itself."""
     models = config.models if models is None else models
-    if method.base == "required":
+    if method.base == "required" or method.separate_base:
         return [m for m in models if m.model != config.base_model]
     return list(models)
 

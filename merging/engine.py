@@ -25,12 +25,13 @@ from .errors import Cancelled, MergeError
 from .memory import RetainedMemory, reuse_freed_memory
 from .methods.registry import REDUCED, TensorContext
 from .nonfinite import NonFinite
-from .plan import MergePlan, TensorTask, build_plan
+from .plan import MergePlan, TensorTask, build_plan, layer_index
 from .reads import UnitReads
 from .resources import check_resources, uses_kernels
 from .safetensors_io import DTYPES
 from .sources import CheckpointSource, open_sources
 from .sources.base import TensorSpec
+from .whole_model import gather_stats, model_statistics
 from .writer import NON_MODEL_STEM, OutputFolder, ShardedWriter, parse_size, write_side_files
 
 
@@ -77,47 +78,6 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def gather_stats(passes, params: dict, band_inputs, context, prepare, native=None):
-    """Run statistics passes over one tensor's bands and return what ``ctx.stats`` holds after them: per pass its
-    ``collect`` (or the fused ``native`` form) on every band, the parts summed or concatenated, then ``finish``.
-
-    ``band_inputs()``: a fresh iterator of (band, (base, models)) per pass; ``context(band, stats)``: a band's
-    TensorContext (band None: the whole tensor); ``prepare(base, models, stride)``: the float32 tensors ``collect``
-    sees (every ``stride``-th element); ``native(stats_pass, base, models, ctx)``: a pass's fused result on the
-    inputs as given, or None. The engine runs it on bands it reads; the analysis also on tensors in hand.
-    """
-    stats = None
-    for stats_pass in passes:
-        if stats_pass.needed is not None and not stats_pass.needed(params):
-            continue
-        if stats_pass.only_if is not None and not stats_pass.only_if(stats):
-            continue
-        combined: dict[str, torch.Tensor] = {}
-        for band, (base, models) in band_inputs():
-            ctx = context(band, stats)
-            stride = stats_pass.sample_stride
-            part = native(stats_pass, base, models, ctx) if native is not None and stride == 1 else None
-            if part is None:
-                part = stats_pass.collect(*prepare(base, models, stride), params, ctx)
-            combine(part, combined, stats_pass.concat)
-        for key in stats_pass.concat:
-            if key in combined:
-                combined[key] = torch.cat(combined[key])
-        stats = stats_pass.finish(combined, params, context(None, stats)) if stats_pass.finish else combined
-    return stats
-
-
-def combine(part: dict, combined: dict, concat: tuple[str, ...]) -> None:
-    """Add one band's statistics to the totals: summed, or collected for concatenation (keys in ``concat``)."""
-    for key, value in part.items():
-        if key not in combined:
-            combined[key] = [value] if key in concat else value
-        elif key in concat:
-            combined[key].append(value)
-        else:
-            combined[key] = combined[key] + value
-
-
 class Executor(UnitReads):
     """Runs a plan's tensor tasks over opened sources; shared by merging and analysis (reads: ``UnitReads``)."""
 
@@ -131,6 +91,7 @@ class Executor(UnitReads):
         self.memory = RetainedMemory()
         name = plan.config.dtype
         self._load_dtype = DTYPES[SAFETENSORS_DTYPE[name]] if name else None
+        self.model_stats = None  # the method's whole-model statistics (merging.whole_model), once gathered
 
     def bands(self, task: TensorTask, elementwise: bool) -> list[Band]:
         return row_bands(task, elementwise)
@@ -189,7 +150,8 @@ class Executor(UnitReads):
 
     def context(self, task: TensorTask, band, reduced, stats) -> TensorContext:
         return TensorContext(task.name, self.plan.config.seed, reduced, task.model_names, band=band,
-                             shape=task.spec.shape, stats=stats)
+                             shape=task.spec.shape, stats=stats, model_stats=self.model_stats,
+                             layer=layer_index(task.name), num_layers=self.plan.num_layers)
 
     def units(self, tasks: list[TensorTask]) -> list[tuple[TensorTask, tuple[int, int] | None]]:
         """Split the work: row bands of about BAND_ELEMENTS for element-wise methods and copies, else whole tensors.
@@ -306,9 +268,14 @@ class Executor(UnitReads):
         if not self.wants_reduction():
             return None
         merge_tasks = [t for t in self.plan.tasks if not t.copy]
-        total = None
+        total = stats = None
+        wants_stats = self.plan.method.reduce_stats
         for task, band, base, models in self.stream(merge_tasks, "reduce", banded=True):
-            part = self.compute(task, base, models, reducing=True, band=band).to(torch.float64)
+            if band is None or band[0] == 0:  # a tensor starts: its statistics, if its reduction needs the merge
+                stats = None
+                if wants_stats is not None and wants_stats(task.params):
+                    stats = self.tensor_stats(task, None, first=(band, (base, models)))
+            part = self.compute(task, base, models, reducing=True, band=band, stats=stats).to(torch.float64)
             total = part if total is None else total + part
         return total
 
@@ -337,6 +304,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "auto",
             disk_check(estimate.disk)
         executor = Executor(plan, sources, dev, progress, cancel)
         with native.own_cores(uses_kernels(plan.method, dev.type)), OutputFolder(out_dir, overwrite) as tmp:
+            model_statistics(executor)
             after_merge = plan.method.reduce_after_merge and executor.wants_reduction()
             reduced = None if after_merge else executor.reduction()
             outputs = _planned_outputs(plan)

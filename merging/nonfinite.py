@@ -25,6 +25,23 @@ from .errors import MergeError
 PROPAGATING = frozenset({"linear", "task_arithmetic", "slerp", "nuslerp", "model_stock", "passthrough"})
 
 
+# Methods with no meaning for a NaN input: their SVDs do not converge on one (TSV-M, Iso-C/CTS, CART), or a
+# whole-model ranking cannot place it (PCB's scores). Such an input is refused in one line, naming it.
+FINITE_ONLY = frozenset({"tsv_m", "iso_c", "iso_cts", "cart", "pcb"})
+
+
+def require_finite(method: str, task, base: torch.Tensor | None, models: list[torch.Tensor]) -> None:
+    """For a ``FINITE_ONLY`` method: refuse the first input of this unit holding NaN/Inf, naming model and tensor."""
+    if method not in FINITE_ONLY:
+        return
+    pairs = ([(task.base, base)] if task.base is not None and base is not None else []) + list(zip(task.inputs, models))
+    for ref, tensor in pairs:
+        bad = count(tensor)
+        if bad:
+            raise MergeError(f"input {ref.model}: tensor {task.name} holds {bad} NaN/Inf values; {method} needs "
+                             "finite inputs (find them with `python -m merging inspect`)")
+
+
 def count(tensor: torch.Tensor) -> int:
     """NaN/Inf values in ``tensor`` (0 for integer tensors)."""
     if not tensor.is_floating_point():
@@ -47,6 +64,7 @@ class NonFinite:
     def check_inputs(self, task, base: torch.Tensor | None, models: list[torch.Tensor]) -> None:
         """Count the unit's inputs (``task``: a merging.tasks.TensorTask, ``base`` and ``models`` as read), unless
         the method carries every NaN into its output."""
+        require_finite(self.method, task, base, models)
         if not self.count_inputs:
             return
         pairs = ([(task.base, base)] if task.base is not None and base is not None else []) + list(

@@ -73,7 +73,7 @@ def _lookup(p: Param, scopes: tuple[Mapping[str, Any], ...], tensor_name: str, t
         if p.name in scope:
             value = evaluate(scope[p.name], tensor_name, t)
             if value is not None:
-                return p.type(value) if p.type in (int, float) else value
+                return p.type(value) if p.type in (int, float) else p.normalized(value)
     return p.default
 
 

@@ -86,12 +86,16 @@ def _task(planner: Planner, out_name: str, sl: Slice, in_of, t: float, shared: t
         planner.report.missing.append(f"{in_of(lead)} (in {lead.model})")
         return []
     out_spec = planner.output_spec(lead_spec)
+    scopes = (sl.parameters, *shared) if sl.parameters else shared
+    if method.name == "passthrough" and lead_spec.is_float:
+        params = resolve(method, scopes, [lead.parameters], out_name, t, input_names=[in_of(lead)])
+        if params.get("scale", [None])[0] is not None:  # mergekit's `scale`: computed, not copied
+            return [TensorTask(out_name, out_spec, None, [TensorRef(lead.model, in_of(lead))], params)]
     if method.name == "passthrough" or not lead_spec.is_float:
         return [TensorTask(out_name, out_spec, TensorRef(lead.model, in_of(lead)), [], copy=True)]
     base_ref = slice_base(config, sl)
     base_src = next((s for s in sl.sources if s.model == base_ref), None) if method.base != "none" else None
     others = slice_inputs(method, sl, base_ref)
-    scopes = (sl.parameters, *shared) if sl.parameters else shared
     params = resolve(method, scopes, [s.parameters for s in others], out_name, t,
                      input_names=[in_of(s) for s in others])
     task = TensorTask(out_name, out_spec, TensorRef(base_src.model, in_of(base_src)) if base_src else None,

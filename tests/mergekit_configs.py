@@ -2,7 +2,8 @@
 
 Each case names where it comes from in mergekit's repository (``tests/test_basic_merges.py``,
 ``tests/test_tokenizer.py``, ``tests/test_chat_template.py``, ``examples/*.yml``) and is written as a dict with
-the same keys and values, the Hub models of the examples replaced by tiny local ones of the same family and depth.
+the same keys and values, the Hub models of the examples replaced by tiny local ones of the same family and depth;
+two more (``*_float32``) rerun bfloat16 cases in float32.
 mergekit's ``gpt2_like`` (GPT-2 small, 124M) is scaled down to hidden 32, keeping its 12 layers.
 """
 
@@ -219,4 +220,9 @@ def cases(m: dict[str, str]) -> dict[str, tuple[str, dict]]:
                        {"filter": "mlp", "value": 0.5}, {"value": 0}]}}],
         "merge_method": "ties", "base_model": m["llama2_13b"],
         "parameters": {"normalize": True, "int8_mask": True}, "dtype": "float16"})
+    # not mergekit's: its bfloat16 sce and arcee_fusion cases again in float32, where bfloat16's ties cannot flip
+    # a selection (the two differ in bfloat16 for that reason alone)
+    for name in ("sce", "arcee_fusion"):
+        where, cfg = out[name]
+        out[f"{name}_float32"] = (f"{where} (in float32)", {**cfg, "dtype": "float32"})
     return out

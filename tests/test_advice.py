@@ -35,7 +35,8 @@ def block(name: str, n: int, norms: list[float], rel: float, cos, conflict: floa
 
 def hand_built(n: int = 4, *, norms: list[float] | None = None, rel: float = 0.01, cos=0.0, trim: float = 0.01,
                conflict: float = 0.8, method: str = "ties", head_rel: float | None = None, notes=(),
-               emr_error: float = 0.5, distance: float = 0.6, names=("model.layers.0.mlp.up_proj.weight",)) -> dict:
+               emr_error: float = 0.5, distance: float = 0.6, names=("model.layers.0.mlp.up_proj.weight",),
+               overlap: float | None = None) -> dict:
     norms = norms or [1.0] * n
     models = [f"org/m{i}" for i in range(n)]
     groups = [block(f"layer {k}", n, norms, rel, cos, conflict + 0.01 * k) for k in range(3)]
@@ -46,6 +47,8 @@ def hand_built(n: int = 4, *, norms: list[float] | None = None, rel: float = 0.0
              "emr": {"mask_density": [rate(0.6)] * n, "rescaler": [rate(0.7)] * n,
                      "reconstruction_error": {"unified": [1.0] * n, "masked": [0.8] * n,
                                               "masked_rescaled": [emr_error] * n}}}
+    if overlap is not None:
+        whole["spectral"] = {"method": "exact", "interference": overlap, "sum_flatness": 0.6}
     config = {"merge_method": method, "base_model": "org/base", "models": [{"model": m} for m in models],
               "dtype": "bfloat16"}
     return {"schema_version": 1, "config_yaml": yaml.safe_dump(config), "model": whole, "groups": groups,
@@ -70,6 +73,25 @@ def test_big_steps_get_averaging():
     r = rec(hand_built(4, rel=0.105, trim=0.15))
     assert r["method"] == "linear" and "10.5 %" in r["reason"] and r["rule"] == "big steps"
     assert rec(hand_built(4, rel=THRESHOLDS["big_step"] * 0.9, trim=0.15))["method"] == "ties"
+    assert rec(hand_built(4, rel=0.105, overlap=THRESHOLDS["subspace_overlap"] * 0.9))["method"] == "linear"
+
+
+def test_big_steps_in_overlapping_subspaces_get_iso_c_within_the_sum_budget():
+    stats = hand_built(4, rel=0.105, cos=0.2, overlap=0.17)
+    r = rec(stats)
+    assert r["method"] == "iso_c" and r["rule"] == "big steps, overlapping subspaces" and "17 %" in r["reason"]
+    sum_step = 0.105 * (4 + 12 * 0.2) ** 0.5  # ‖Σ τ_i‖ / ‖θ_base‖ of 4 equal norms at cos 0.2
+    assert r["parameters"]["lambda"] == float(f"{THRESHOLDS['sum_budget'] / sum_step:.2g}")  # 2 digits
+    assert parse_config(yaml.safe_dump(r["config"])).merge_method == "iso_c"
+    assert rec(hand_built(4, rel=0.01, overlap=0.5))["method"] == "task_arithmetic"  # small steps: the old rules
+
+
+def test_the_subspace_overlap_is_read_against_random_subspaces():
+    high = next(f for f in advise(hand_built(4, overlap=0.17))["findings"] if f["key"] == "subspace_overlap")
+    assert high["level"] == "warn" and "17 %" in high["text"] and "TSV-M" in high["text"] and "0.6" in high["text"]
+    low = next(f for f in advise(hand_built(4, overlap=0.04))["findings"] if f["key"] == "subspace_overlap")
+    assert low["level"] == "info" and "directions of its own" in low["text"]
+    assert not [f for f in advise(hand_built(4))["findings"] if f["key"] == "subspace_overlap"]
 
 
 def test_a_dominant_model_gets_nan_on_task_vectors():
@@ -211,7 +233,7 @@ def test_on_the_demo_zoo_the_recommendation_reaches_the_median_data_free_method(
         accuracy = average(evaluate_state(zoo, merged_tensors(config_from_dict(rec_["config"], source="advice"), zoo)))
     table = json.loads((ROOT / "assets" / "zoo" / "table.json").read_text())
     data_free = [r["average"] for r in table["rows"] if r.get("method") and r["average"] is not None]
-    assert len(data_free) == 9  # weight averaging, TA, TIES, DARE, EMR, 2 × EMR mask & rescale, 2 × NAN
+    assert len(data_free) == 18  # averaging, TA, 2 × TIES, 2 × DARE, EMR, 2 × EMR mask & rescale, 2 × NAN, the 7 of 2024-25
     assert accuracy >= statistics.median(data_free), (rec_["summary"], accuracy, statistics.median(data_free))
 
 
@@ -223,4 +245,4 @@ def test_the_cli_prints_findings_and_the_recommendation(tmp_path, capsys):
     config.write_text(yaml.safe_dump(zoo_models().config_dict()))
     assert main(["analyze", str(config), "--advice"]) == 0  # no --json needed
     out = capsys.readouterr().out
-    assert "\nfindings:\n  - " in out and "\nrecommendation: linear\n  why: the blocks moved 10.5 %" in out
+    assert "\nfindings:\n  - " in out and "\nrecommendation: iso_c (lambda 0.17)\n  why: the blocks moved 10.5 %" in out

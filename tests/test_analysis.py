@@ -364,7 +364,7 @@ def test_the_json_has_exactly_the_keys_its_schema_documents(tmp_path):
     assert list(stats) == schema.names(schema.TOP_LEVEL)
     assert list(stats["meta"]) == schema.names(schema.META)
     figures = {k: v for k, v in stats["model"].items() if k not in ("name", "kind", "layer", "tensors")}
-    flat = [f"emr.{k}" for k in figures.pop("emr")] + list(figures)
+    flat = [f"emr.{k}" for k in figures.pop("emr")] + [f"spectral.{k}" for k in figures["spectral"]] + list(figures)
     assert sorted(flat) == sorted(schema.names(schema.STATS_OBJECT))
 
 

@@ -21,6 +21,8 @@ import pytest
 import yaml
 from app_server import running_app
 
+from merging.charts import CHARTS
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(240)]
 
 SHOTS = Path(os.environ.get("MERGESCOPE_SHOTS", "/tmp/mergescope-shots"))
@@ -259,7 +261,7 @@ def test_analyze_shows_progress_and_says_done_once_the_charts_are_drawn(analyzed
     seen = [int(m.group(1)) for label in labels
             if (m := re.search(r"analyzing: (\d+)/(\d+) tensors · .* of .* · .* left", label))]
     assert len(set(seen)) >= 3 and min(seen) < max(seen), seen
-    assert page.evaluate(DRAWN_WHEN_DONE) == 7  # at the moment "Done" appears, every chart of this run is drawn
+    assert page.evaluate(DRAWN_WHEN_DONE) == len(CHARTS)  # at the moment "Done" appears, every chart of this run is drawn
 
 
 def test_apply_fills_the_form_with_the_recommended_method(analyzed):
@@ -282,14 +284,14 @@ def test_a_failed_analyze_after_a_good_one_keeps_the_old_charts(analyzed):
     page = analyzed
     runs = page.evaluate("[...document.querySelectorAll('#diagnostics-charts .js-plotly-plot')]"
                          ".map(d => d.layout.meta.run)")
-    assert len(runs) == 7 and len(set(runs)) == 1
+    assert len(runs) == len(CHARTS) and len(set(runs)) == 1
     textbox(page, "model-0").fill("assets/zoo/nowhere")
     wait_yaml_has(page, "nowhere")
     status = analyze_and_wait(page)
     assert "error:" in status and "previous analysis" in status and "Done" not in status
     assert page.evaluate("[...document.querySelectorAll('#diagnostics-charts .js-plotly-plot')]"
                          ".map(d => d.layout.meta.run)") == runs
-    assert page.locator("#diagnostics-charts .js-plotly-plot .main-svg").count() >= 7
+    assert page.locator("#diagnostics-charts .js-plotly-plot .main-svg").count() >= len(CHARTS)
     assert "From the previous analysis" in page.locator("#charts-note").inner_text()
     assert page.locator("#advice-panel").first.is_visible()  # the findings stay too
     assert page.locator("#diagnostics-charts, #advice-panel").get_by_text("Error", exact=True).count() == 0

@@ -125,9 +125,24 @@ def test_merged_distance_chart_one_line_per_model(stats):
     assert "ties" in fig.layout.title.text
 
 
+def test_spectral_chart_shows_each_models_spectra_by_layer(stats):
+    fig = charts.spectral_chart(stats)
+    n = len(stats["meta"]["models"])
+    names = [g["name"] for g in stats["groups"]]
+    ratio = [t for t in fig.data if t.xaxis == "x" and t.yaxis == "y"]
+    assert len(ratio) == n and list(ratio[0].x) == names
+    want = [g["spectral"]["effective_rank_ratio"][0] if g["spectral"] else None for g in stats["groups"]]
+    assert list(ratio[0].y) == want
+    overlap = next(t for t in fig.data if t.name.startswith("subspace overlap"))
+    assert list(overlap.y) == [g["spectral"]["interference"] if g["spectral"] else None for g in stats["groups"]]
+    spectra = [t for t in fig.data if t.xaxis == "x4"]
+    assert len(spectra) == n and all(list(t.y) == sorted(t.y, reverse=True) for t in spectra)
+    assert "Spectra" in fig.layout.title.text
+
+
 def test_all_figures_in_order(stats):
     figures = charts.all_figures(stats)
-    assert len(figures) == len(charts.CHARTS) == 7
+    assert len(figures) == len(charts.CHARTS) == 8
     assert all(isinstance(f, go.Figure) and f.layout.title.text for f in figures)
 
 
@@ -159,7 +174,9 @@ def test_every_chart_has_a_caption_that_reads_the_statistic(stats):
     texts = charts.captions(stats)
     assert len(texts) == len(charts.CHARTS)
     n = len(stats["meta"]["models"])
-    assert f"{100 * (1 - 2 ** (1 - n)):.3g} %" in texts[0] and "ties merge" in texts[-1]
+    assert f"{100 * (1 - 2 ** (1 - n)):.3g} %" in texts[0]
+    assert "ties merge" in texts[charts.CHARTS.index(charts.merged_distance_chart)]
+    assert "TSV-M" in texts[charts.CHARTS.index(charts.spectral_chart)]
     for text in texts:
         assert 100 < len(text) < 600 and "{" not in text
 
@@ -171,7 +188,7 @@ def test_report_is_standalone_with_plotly_inlined(sampled_stats, tmp_path):
     assert "plotly.js v" in page and '<script src="http' not in page
     assert page.count("plotly.js v") <= 2  # the library once (its banner may name itself twice), not per chart
     assert len(page) > 1_000_000  # the bundle itself is inlined
-    assert page.count('class="chart"') == 7 and page.count('class="caption"') == 7
+    assert page.count('class="chart"') == 8 and page.count('class="caption"') == 8
     assert "What this means" in page and "<b>Try:</b>" in page
     assert "ft0" in page and "sampled" in page
     assert report_html(sampled_stats) == page

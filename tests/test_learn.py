@@ -38,6 +38,10 @@ def test_table_chart_has_average_normalized_and_paper_per_method(table):
     assert normalized.x[rows.index(individual)] == pytest.approx(100.0)
     in_paper = {r["label"]: r["paper_vit_b32_average"] for r in rows if r.get("paper_vit_b32_average") is not None}
     assert dict(zip(paper.y, paper.x)) == in_paper and in_paper["EMR-Merging"] == 88.7
+    # the 2024-2025 rows and the official TIES protocol are in the view, with their papers' averages
+    assert {"TSV-M", "Iso-C", "Iso-CTS", "CART", "PCB-Merging", "Consensus TA (TALL masks, k=2)",
+            "Task Arithmetic + LiNeS", "TIES, official (whole model, k=20%, sum, λ=0.3)"} <= set(average.y)
+    assert (in_paper["TSV-M"], in_paper["Iso-C"], in_paper["Iso-CTS"], in_paper["CART"]) == (85.9, 86.3, 86.2, 84.7)
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.3, 0.65, 1.0])

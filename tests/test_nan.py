@@ -74,7 +74,10 @@ def test_task_vector_methods_use_alpha_as_their_weights(method):
 def test_model_scope_reads_the_reduced_norms():
     base, models = small(3)
     squared = torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64)  # whole-model norms 2, 1, 0.5 → α ∝ 1/2, 1, 2
-    out = run("linear", None, models, reduced=squared, coefficients="nan", nan_scope="model")
+    # the reduction's layout (coefficients.plugin_totals): the whole-model norms first, then the per-layer groups
+    # (no layers here: one group outside the blocks) and LiNeS' two norms
+    reduced = torch.cat([squared, torch.zeros(3 + 2, dtype=torch.float64)])
+    out = run("linear", None, models, reduced=reduced, coefficients="nan", nan_scope="model")
     expected = sum(ai * m.double() for ai, m in zip([1 / 7, 2 / 7, 4 / 7], models))
     assert torch.allclose(out.double(), expected, rtol=1e-6, atol=1e-6)
 

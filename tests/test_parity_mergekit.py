@@ -21,7 +21,6 @@ from mergekit_ref import MERGEKIT_FLAGS, load_output, mergekit_env, write_config
 
 from merging.config import config_from_dict
 from merging.engine import run_merge
-from merging.errors import ConfigError
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -97,6 +96,41 @@ def _cases(m: dict[str, str]) -> dict[str, dict]:
         "passthrough_slices": {"merge_method": "passthrough", "dtype": "float32", "slices": [
             {"sources": [{"model": ft0, "layer_range": [0, 2]}]},
             {"sources": [{"model": ft1, "layer_range": [1, 4]}]}]},
+        # mergekit 0.1.5's other methods
+        "multislerp": {"merge_method": "multislerp", "base_model": base, "dtype": "float32",
+                       "models": [{"model": f, "parameters": {"weight": w}} for f, w in zip(three, [1.0, 0.5, 2.0])]},
+        "multislerp_no_base": {"merge_method": "multislerp", "dtype": "float32",
+                               "parameters": {"normalize_weights": False},
+                               "models": [{"model": f, "parameters": {"weight": w}}
+                                          for f, w in zip(three, [0.2, 0.3, 0.5])]},
+        "karcher": {"merge_method": "karcher", "dtype": "float32", "models": [{"model": f} for f in three]},
+        "karcher_with_base": {"merge_method": "karcher", "base_model": base, "dtype": "float32",
+                              "parameters": {"max_iter": 20, "tol": 1e-6},
+                              "models": [{"model": f} for f in [ft0, ft1]]},
+        "sce": {"merge_method": "sce", "base_model": base, "dtype": "float32", "parameters": {"select_topk": 0.5},
+                "models": [{"model": f} for f in three]},
+        "sce_all": {"merge_method": "sce", "base_model": base, "dtype": "float32",
+                    "models": [{"model": f} for f in three]},
+        "nearswap": {"merge_method": "nearswap", "base_model": base, "dtype": "float32", "parameters": {"t": 0.005},
+                     "models": [{"model": base}, {"model": ft0}]},
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": base, "dtype": "float32",
+                         "models": [{"model": base}, {"model": ft1}]},
+        # ε near the noise scale (0.01-0.03), so some entries are changed by one model only, some by several
+        "ram": {"merge_method": "ram", "base_model": base, "dtype": "float32", "parameters": {"epsilon": 0.02},
+                "models": [{"model": f} for f in three]},
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": base, "dtype": "float32",
+                       "parameters": {"epsilon": 0.02, "r": 0.5, "alpha": 0.4},
+                       "models": [{"model": f} for f in three]},
+        "nuslerp_no_base": {"merge_method": "nuslerp", "dtype": "float32",
+                            "models": [{"model": ft0, "parameters": {"weight": 1.0}},
+                                       {"model": ft1, "parameters": {"weight": 2.0}}]},
+        "passthrough_scale": {"merge_method": "passthrough", "dtype": "float32",
+                              "models": [{"model": ft0, "parameters": {"scale": 0.5}}]},
+        "passthrough_slices_scale": {"merge_method": "passthrough", "dtype": "float32",
+                                     "parameters": {"scale": [{"filter": "o_proj", "value": 0.0},
+                                                              {"filter": "down_proj", "value": 0.5}]},
+                                     "slices": [{"sources": [{"model": ft0, "layer_range": [0, 2]}]},
+                                                {"sources": [{"model": ft1, "layer_range": [1, 4]}]}]},
         # a deliberate difference, pinned below: weights summing to zero with normalize
         "linear_zero_sum": {"merge_method": "linear", "dtype": "float32",
                             "models": [{"model": ft0, "parameters": {"weight": 1.0}},
@@ -155,18 +189,32 @@ def assert_parity(parity, case: str) -> None:
     "task_arithmetic_filters", "ties", "ties_per_model", "breadcrumbs", "breadcrumbs_ties", "dare_ties_keep_all",
     "dare_linear_keep_all", "della_keep_all", "della_linear_keep_all", "model_stock",
     "model_stock_filter_wise", "nuslerp", "nuslerp_rows",
+    "multislerp", "multislerp_no_base", "karcher", "karcher_with_base", "sce", "sce_all", "nearswap", "arcee_fusion",
+    "ram", "ramplus_tl", "nuslerp_no_base", "passthrough_scale", "passthrough_slices_scale",
 ])
 def test_matches_mergekit(parity, case):
     assert_parity(parity, case)
+
+
+def test_every_mergekit_method_has_a_parity_case():
+    """mergekit 0.1.5's 20 methods, each in at least one case above (the registry's own extras are ours)."""
+    import mergekit.merge_methods.registry as mk
+
+    theirs = {m.spec.name for m in mk.registered_methods()}
+    covered = {case["merge_method"] for case in _cases({k: k for k in ("base", "ft0", "ft1", "ft2")}).values()}
+    assert len(theirs) == 20 and theirs <= covered, sorted(theirs - covered)
 
 
 def test_the_cases_really_merge(parity):
     """Guard against a vacuous pass: the merges move away from every input, and anchors vary across layers."""
     results, tensors = parity
     name = "model.layers.1.mlp.up_proj.weight"
-    for case in ("ties", "breadcrumbs_ties", "model_stock", "slerp", "nuslerp"):
+    for case in ("ties", "breadcrumbs_ties", "model_stock", "slerp", "nuslerp", "multislerp", "karcher", "sce",
+                 "nearswap", "arcee_fusion", "ram", "ramplus_tl", "nuslerp_no_base"):
         out = results[case][0][name]
         assert all(relative_error(out, t[name]) > 1e-4 for t in tensors.values()), case
+    # RAM+ amplifies unique entries: it differs from RAM, so both kinds of entries occur at this ε
+    assert relative_error(results["ramplus_tl"][0][name], results["ram"][0][name]) > 1e-4
     anchors = results["slerp_anchors"][0]
     base, ft0 = tensors["base"], tensors["ft0"]
     assert torch.equal(anchors["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
@@ -195,15 +243,15 @@ def test_linear_with_weights_summing_to_zero_differs_on_purpose(parity):
     assert torch.allclose(ours[name], tensors["ft0"][name] - tensors["ft1"][name], atol=1e-7)
 
 
-def test_features_we_refuse_instead_of_approximating(parity, tmp_path):
-    """Two mergekit features we do not offer; the config is refused with a message instead of merged otherwise:
-    passthrough's per-model ``scale`` (our passthrough copies bytes), and nuslerp without a base model."""
-    _, tensors = parity
-    del tensors
-    with pytest.raises(ConfigError, match="scale"):
-        config_from_dict({"merge_method": "passthrough", "models": [{"model": "a", "parameters": {"scale": 0.5}}]})
-    with pytest.raises(ConfigError, match="base_model"):
-        config_from_dict({"merge_method": "nuslerp", "models": [{"model": "a"}, {"model": "b"}]})
+def test_scaled_slices_are_computed_and_unscaled_ones_copied(parity):
+    """passthrough's ``scale``: o_proj × 0, down_proj × 0.5, everything else copied bit for bit."""
+    results, tensors = parity
+    ours = results["passthrough_slices_scale"][0]
+    assert torch.equal(ours["model.layers.2.self_attn.o_proj.weight"], torch.zeros_like(
+        tensors["ft1"]["model.layers.1.self_attn.o_proj.weight"]))
+    assert torch.equal(ours["model.layers.2.mlp.down_proj.weight"], tensors["ft1"]["model.layers.1.mlp.down_proj.weight"]
+                       * 0.5)
+    assert torch.equal(ours["model.layers.2.self_attn.q_proj.weight"], tensors["ft1"]["model.layers.1.self_attn.q_proj.weight"])
 
 
 def test_relative_error_metric():

@@ -169,8 +169,18 @@ def test_evolutionary_search_improves_validation_accuracy_without_reading_test(z
     assert sum(rerun.values()) / len(rerun) == pytest.approx(result.best_score, abs=1e-6)
 
 
+def _without_timings(table: dict) -> dict:
+    return {**{k: v for k, v in table.items() if k != "seconds"},
+            "rows": [{k: v for k, v in r.items() if k != "seconds"} for r in table["rows"]]}
+
+
 @needs_zoo
-def test_table_command_runs_on_the_committed_zoo(tmp_path, capsys):
+def test_table_command_runs_on_the_committed_zoo_and_equals_the_committed_table(tmp_path, capsys):
+    """One run of `zoo table` (about 15 s): every row merges, each paper number has its source, and the committed
+    table.json, table.md and both READMEs' tables are what it computes."""
+    from merging.zoo.rows import PAPER_VIT_B32
+    from merging.zoo.table import protocols_markdown
+
     out_json, out_md = tmp_path / "table.json", tmp_path / "table.md"
     assert main(["zoo", "table", "--json", str(out_json), "--markdown", str(out_md)]) == 0
     printed = capsys.readouterr().out
@@ -178,12 +188,48 @@ def test_table_command_runs_on_the_committed_zoo(tmp_path, capsys):
     rows = {r["key"]: r for r in table["rows"]}
     assert table["tasks"] == list(TASKS)
     assert rows["individual"]["normalized"] == pytest.approx(1.0)
-    for key in ("weight_averaging", "task_arithmetic", "fisher", "regmean"):
-        assert rows[key]["status"] == "ok"
+    for key in ("weight_averaging", "task_arithmetic", "fisher", "regmean", "tsv_m", "iso_c", "iso_cts", "cart",
+                "pcb", "consensus", "lines_ta", "ties_official", "dare_paper"):
+        assert rows[key]["status"] == "ok", key
         assert rows[key]["average"] < rows["individual"]["average"]
     for row in table["rows"]:
-        assert row["status"] == "ok" or row["status"].startswith("n/a")
+        assert row["status"] == "ok", (row["key"], row["status"])
+        assert row["protocol"], row["key"]
+        paper = PAPER_VIT_B32.get(row["key"])
+        assert (row["paper_vit_b32_average"], row["paper_source"]) == (paper or (None, None))
+    assert rows["pretrained"]["paper_vit_b32_average"] is None  # the EMR paper's table has no such row
     assert "| Individual fine-tunes |" in printed and out_md.read_text() in printed
+    root = DEFAULT_ZOO_DIR
+    assert _without_timings(table) == _without_timings(json.loads((root / "table.json").read_text())), \
+        "assets/zoo/table.json is stale: python -m merging zoo table --json assets/zoo/table.json --markdown ..."
+    assert out_md.read_text() == (root / "table.md").read_text(), "assets/zoo/table.md is stale"
+    for readme in (root.parent.parent / "README.md", root / "README.md"):
+        text = readme.read_text()
+        assert out_md.read_text() in text and protocols_markdown(table) in text, f"{readme}: the zoo table is stale"
+
+
+@needs_zoo
+def test_tuning_reads_only_the_validation_split(zoo, monkeypatch):
+    from merging.zoo import tune
+
+    seen = []
+    original = Zoo.data
+
+    def spy(self, task, split):
+        seen.append(split)
+        return original(self, task, split)
+
+    monkeypatch.setattr(Zoo, "data", spy)
+    searches = {"iso_c": ("iso_c", {}, {"lambda": (0.2, 1.0)}), "consensus": ("consensus", {"k": 2}, {"lambda": (0.2,)})}
+    found = tune.tune(zoo, searches=searches)
+    assert set(seen) == {"val"}
+    assert found["iso_c"]["parameters"]["lambda"] in (0.2, 1.0) and found["iso_c"]["candidates"] == 2
+    assert len(found["consensus"]["model_parameters"]) == len(zoo.tasks)
+    # the committed choices are what a full search finds for this row (its grid is small enough to rerun here)
+    committed = tune.read_tuned(zoo)["iso_c"]
+    again = tune.tune(zoo, ["iso_c"])["iso_c"]
+    assert again["parameters"] == committed["parameters"]
+    assert again["val_average"] == pytest.approx(committed["val_average"], abs=1e-9)
 
 
 @needs_zoo

@@ -31,7 +31,11 @@ With τ_i = θ_i − θ_base (float32, on the stored values):
   θ_base + λ_i M_i ⊙ τ_uni with the method's own τ_uni and rescaler variant (tensors it keeps per task,
   ``MergeMethod.skipped``: distance 0). A method that needs a whole-model reduction before merging (NAN with
   ``nan_scope: model``) gets it from a first pass over the same rows: the one case where inputs are read twice
-  (``meta.passes`` says 2).
+  (``meta.passes`` says 2); whole-model statistics (TIES' ``topk_scope: model``, PCB) are gathered first too;
+- spectra of the task matrices (``spectral``), per 2-D tensor, layer and model: each task vector's effective rank
+  and the energy in its top 1 % / 5 % of singular directions, the overlap of the tasks' top singular subspaces
+  (the interference TSV-M removes) and the flatness of Σ τ_i's spectrum (what Iso-C flattens); exact SVDs up to a
+  size, a streamed randomized SVD with its error bound above it.
 
 **Sampled mode** (``reader``) reads a seeded random subset of whole rows of each tensor. Sums are scaled by
 rows / rows read (unbiased totals), so norms, cosines, NAN coefficients, rescalers and errors are estimates.
@@ -41,8 +45,8 @@ the inputs total more than ``SAMPLE_THRESHOLD_BYTES`` (2 GB), at ``DEFAULT_SAMPL
 ``exact=True`` forces a full pass.
 
 The modules: ``run`` (the pass, ``analyze``), ``reader`` (what is read), ``trim``, ``sums`` (per-tensor sums),
-``estimate`` (ratio estimators), ``figures`` (statistics from sums, groups, labels), ``schema`` (the JSON's keys as
-data, ``JSON_SCHEMA_DOC``).
+``estimate`` (ratio estimators), ``figures`` (statistics from sums, groups, labels), ``spectral`` (the SVD-based
+diagnostics), ``schema`` (the JSON's keys as data, ``JSON_SCHEMA_DOC``).
 """
 
 from .estimate import Z95, RatioStrata

@@ -22,6 +22,7 @@ from ..plan import MergePlan, TensorTask, build_plan
 from ..resources import check_memory
 from ..safetensors_io import DTYPES
 from ..sources import CheckpointSource, open_sources
+from ..whole_model import model_statistics
 from .figures import StatsContext, figures, finite_list, model_labels
 from .reader import (
     DEFAULT_SAMPLE_FRACTION,
@@ -32,6 +33,7 @@ from .reader import (
     tensor_rows,
 )
 from .schema import SCHEMA_VERSION
+from .spectral import attach, tensor_spectrum
 from .sums import TensorSums, tensor_sums
 from .trim import DEFAULT_TRIM_DENSITY, Trim, tensor_cuts, trim_densities, trims_by_config
 
@@ -100,6 +102,7 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], request:
     executor = AnalysisExecutor(plan, sources, pick_device(request.device), request.progress, request.cancel,
                                 sampled_rows=rows)
     read_before = _bytes_read(sources)
+    model_statistics(executor)  # e.g. TIES' global top-k threshold (`topk_scope: model`), before anything else
     passes = 2 if _needs_reduction(executor) else 1
     nonfinite = NonFinite(False, plan.method.name)
     nonfinite.count_inputs = True  # a statistic over a NaN input is NaN or silently short: always say so
@@ -107,7 +110,7 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], request:
     fused = executor.device.type == "cpu" and plan.method.native is not None
     with native.own_cores(fused and native.library() is not None):
         reduced = _reduction(executor, tasks) if passes == 2 else None
-        per_tensor, several_outputs = _sum_tensors(executor, tasks, reduced, nonfinite)
+        per_tensor, several_outputs, spectra = _sum_tensors(executor, tasks, reduced, nonfinite)
     notes[:0] = [f"{n}: the statistics of that model are not meaningful there" for n in nonfinite.notes()]
     bytes_read = _bytes_read(sources) - read_before
     if several_outputs:
@@ -117,6 +120,7 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], request:
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # NaN/Inf inputs: said in the notes
         ctx = _stats_context(plan, tasks, whole, sampled)
         stats = figures(per_tensor, whole, ctx)
+    attach(stats, spectra)
     meta = {
         "mode": "sampled" if sampled else "exact",
         "sample_fraction": fraction if sampled else None,
@@ -177,12 +181,14 @@ def _reduction(executor: AnalysisExecutor, tasks: list[TensorTask]) -> torch.Ten
 
 
 def _sum_tensors(executor: AnalysisExecutor, tasks: list[TensorTask], reduced: torch.Tensor | None,
-                 nonfinite: NonFinite) -> tuple[list[tuple[TensorTask, TensorSums]], bool]:
+                 nonfinite: NonFinite) -> tuple[list[tuple[TensorTask, TensorSums]], bool, dict[str, dict | None]]:
     """Every tensor's sums, unit by unit as the engine streams them, band by band like a merge (whole-tensor
-    quantities, the trim's and the method's top-k cuts, come from the statistics passes first, so a banded tensor
-    is never held whole); and whether the method wrote several tensors per input (then no merged distance)."""
+    quantities, the trim's and the method's top-k cuts, a randomized SVD's sketches, come from the statistics
+    passes first, so a banded tensor is never held whole); whether the method wrote several tensors per input (then
+    no merged distance); and each 2-D tensor's spectral diagnostics (``spectral``)."""
     method = executor.plan.method
     per_tensor: list[tuple[TensorTask, list[TensorSums]]] = []
+    spectra: dict[str, dict | None] = {}
     several_outputs = False
     stats = cuts = None
     for task, band, base, inputs in executor.stream(tasks, "analyze", banded=True):
@@ -192,12 +198,14 @@ def _sum_tensors(executor: AnalysisExecutor, tasks: list[TensorTask], reduced: t
             stats = executor.tensor_stats(task, reduced, first=first) if method.stats else None
             densities = trim_densities(method, task.params, len(inputs))
             cuts = tensor_cuts(executor, task, reduced, densities, stats, first)
+            spectra[task.name] = tensor_spectrum(executor, task, reduced, band, base, inputs,
+                                                 executor.plan.config.seed)
         nonfinite.check_inputs(task, base, inputs)
         ctx = executor.context(task, band, reduced, stats)
         sums, several = _unit_sums(executor, task, band, base, inputs, ctx, Trim(cuts, ctx))
         several_outputs |= several
         per_tensor[-1][1].append(sums)
-    return [(task, TensorSums.add(units)) for task, units in per_tensor], several_outputs
+    return [(task, TensorSums.add(units)) for task, units in per_tensor], several_outputs, spectra
 
 
 def _unit_sums(executor: AnalysisExecutor, task: TensorTask, band, base, inputs, ctx: TensorContext,

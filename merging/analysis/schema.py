@@ -73,6 +73,25 @@ STATS_OBJECT: tuple[tuple[Key, str], ...] = (
                                  "M_i ⊙ τ_uni, λ_i M_i ⊙ τ_uni (whole-model λ_i)"),
     ("merged_distance", "[‖θ_merged − θ_i‖ / ‖τ_i‖] for the configured method (for EMR methods, task i's rebuilt "
                         "model)"),
+    ("spectral", "the task matrices' spectra (`merging.analysis.spectral`): null for a tensor that is not 2-D and "
+                 "a group without one; a group's and the model's values are element-weighted means over their 2-D "
+                 "tensors"),
+    ("spectral.method", "`exact` (SVD of the whole tensor), `randomized` (a streamed randomized SVD of the top ⌈5 %⌉ "
+                        "+ 10 directions, above 1 048 576 elements), `sampled` (of the sampled rows) or, for a group "
+                        "mixing them, `approximate`"),
+    ("spectral.error_bound", "randomized: [‖τ_i − QQᵀτ_i‖_F / ‖τ_i‖_F], each computed σ̃_j ≤ σ_j ≤ σ̃_j + that "
+                             "× ‖τ_i‖_F (a group: the largest); else null"),
+    ("spectral.rank", "r = min(m, n) of the tensor (null for groups)"),
+    ("spectral.tensors", "how many 2-D tensors it covers"),
+    ("spectral.singular_values", "[[σ_j / ‖τ_i‖_F for the top 32]] per model (null for groups)"),
+    ("spectral.effective_rank", "[exp(−Σ p_j log p_j)], p_j = σ_j / Σσ (Roy & Vetterli); randomized: the unseen tail "
+                                "completed flat with its known energy"),
+    ("spectral.effective_rank_ratio", "[effective rank / r]: 1 for a flat spectrum, near 0 for a low-rank update"),
+    (("spectral.energy_top_1", "spectral.energy_top_5"), "[Σ_{j ≤ ⌈f·r⌉} σ_j² / ‖τ_i‖_F²] for f = 1 %, 5 %"),
+    ("spectral.subspace_overlap", "N×N: (‖U_iᵀU_j‖_F² + ‖V_iᵀV_j‖_F²) / 2k over the top k = ⌈5 % · r⌉ singular "
+                                  "vectors (1 on the diagonal, 0 for orthogonal subspaces)"),
+    ("spectral.interference", "the mean subspace overlap over the pairs of tasks (the interference TSV-M removes)"),
+    ("spectral.sum_flatness", "effective rank of Σ_i τ_i / r (1 for the isotropic spectrum Iso-C gives it)"),
 )
 
 STATS_OBJECT_NOTE = ("A *stats object* (per-model lists have one entry per model; numbers are null where undefined, "

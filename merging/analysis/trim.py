@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import Executor, gather_stats
+from ..engine import Executor
 from ..methods.registry import MergeMethod, TensorContext
 from ..methods.selection import Cut, topk_passes
 from ..methods.task_vectors import sparsified_ranks
 from ..plan import TensorTask
+from ..whole_model import gather_stats
 
 DEFAULT_TRIM_DENSITY = 0.2  # TIES' k = 20%, for methods that have no `density` parameter
 KEEP_ALL = (-math.inf, -1)  # the fused kernel's rule for an untrimmed task vector

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MergeError
+from ..methods import REGISTRY
 from ..safetensors_io import DTYPE_NAMES, read_local_header, tensor_from_bytes
 from ..sources.base import TensorSpec
 from ..synthetic import llama_config, llama_shapes
@@ -39,7 +40,10 @@ METHOD_PARAMS = {
     "emr": {},
 }
 RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
-OURS_ONLY = {"emr"}
+MERGEKIT_METHODS = {"linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "dare_linear",
+                    "dare_ties", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "sce", "model_stock",
+                    "nearswap", "arcee_fusion", "passthrough", "ram", "ramplus_tl"}  # mergekit 0.1.5's
+OURS_ONLY = set(REGISTRY) - MERGEKIT_METHODS
 
 
 @dataclass
@@ -205,8 +209,8 @@ def bench(shape: Shape, methods: list[str], repeat: int, workdir: Path, use_merg
     for method in methods:
         params = METHOD_PARAMS.get(method, {})
         models = "\n".join(f"  - model: {t}\n    parameters: {{weight: 1.0}}" for t in tunes)
-        if method == "emr":
-            models = "\n".join(f"  - model: {t}" for t in tunes)
+        if method in REGISTRY and not any(p.name == "weight" for p in REGISTRY[method].params):
+            models = "\n".join(f"  - model: {t}" for t in tunes)  # emr, tsv_m, iso_c, ...: no per-model weight
         cfg = workdir / f"{method}.yml"
         cfg.write_text(f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}\n"
                        f"parameters: {json.dumps(params)}\ndtype: {shape.dtype}\n")

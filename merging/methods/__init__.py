@@ -11,7 +11,7 @@ import pkgutil
 from .registry import REGISTRY, MergeMethod, Param, Preset, StatsPass, TensorContext, get_method, register
 
 # Modules that register nothing themselves; importing them first keeps registration order independent of them.
-_HELPERS = ("registry", "coefficients", "selection", "docs")
+_HELPERS = ("registry", "coefficients", "selection", "docs", "global_topk", "sparsify", "lines", "lowrank")
 
 
 def _import_all() -> None:

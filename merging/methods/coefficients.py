@@ -12,8 +12,14 @@ says which one is the default:
 - ``nan_on: weights`` (default) takes x_i = θ_i, the model's weights, as the paper's formula is written;
   ``nan_on: task_vector`` takes x_i = τ_i = θ_i − θ_base, the fine-tuning update.
 - ``nan_scope: tensor`` (default) computes the norms per tensor, so every tensor gets its own α;
-  ``nan_scope: model`` uses whole-model norms, ‖x_i‖_F² = Σ_tensors ‖x_i,t‖_F², gathered by the engine's
-  reduction pass before the merge (positional: with ``slices``, input k of every slice counts as model k).
+  ``nan_scope: layer`` sums them over the tensors of one block (``layers.N.``; the tensors outside the blocks form
+  one more group), ``nan_scope: model`` over the whole model, ‖x_i‖_F² = Σ_tensors ‖x_i,t‖_F²; both are gathered by
+  the engine's reduction pass before the merge (positional: with ``slices``, input k of every slice counts as
+  model k).
+
+With ``nan_on: weights`` (the default) and fine-tunes of one base, ‖θ_i‖ differ by the task vectors only, a few
+parts in a thousand: α_i ≈ 1/N for every model, so NAN cannot change such a merge (the zoo table's NAN rows equal
+plain task arithmetic); ``nan_on: task_vector`` is the reading that moves the weights.
 
 ``parameters: {coefficients: nan}`` switches it on for every weighted method (linear, task_arithmetic, ties,
 dare_*, breadcrumbs*, della*): α_i replaces the per-model ``weight`` (any given weight is ignored), and the method's
@@ -35,8 +41,8 @@ COEFFICIENT_PARAMS: tuple[Param, ...] = (
     Param("coefficients", str, "weights",
           "per-model weights: `weights` as given, or `nan` (∝ 1/‖θ_i‖, Si et al. 2025) replacing them",
           choices=("weights", "nan")),
-    Param("nan_scope", str, "tensor", "with NAN: norms per `tensor`, or over the whole `model` (one more pass)",
-          choices=("tensor", "model")),
+    Param("nan_scope", str, "tensor", "with NAN: norms per `tensor`, per `layer` (block) or over the whole `model` "
+          "(the last two: one more pass)", choices=("tensor", "layer", "model")),
     Param("nan_on", str, "weights", "with NAN: the norm of each model's `weights` θ_i or its `task_vector` τ_i",
           choices=("weights", "task_vector")),
 )
@@ -84,7 +90,31 @@ def squared_norms(base: torch.Tensor | None, models: list[torch.Tensor], on: str
 
 
 def uses_model_norms(params: dict[str, Any]) -> bool:
-    return params.get("coefficients") == "nan" and params.get("nan_scope") == "model"
+    """Whether NAN's norms come from the reduction pass (``nan_scope: model`` or ``layer``)."""
+    return params.get("coefficients") == "nan" and params.get("nan_scope") in ("model", "layer")
+
+
+def layer_slot(ctx: TensorContext) -> int:
+    """The tensor's group for ``nan_scope: layer``: its block index, or ``num_layers`` outside the blocks."""
+    layers = ctx.num_layers or 0
+    return ctx.layer if ctx.layer is not None and ctx.layer < layers else layers
+
+
+def reduced_length(n: int, ctx: TensorContext) -> int:
+    """The length of the plug-ins' reduction vector for ``n`` models (see ``plugin_totals``)."""
+    return n * (2 + (ctx.num_layers or 0)) + 2
+
+
+def plugin_totals(n: int, ctx: TensorContext) -> dict[str, torch.Tensor]:
+    """The plug-ins' whole-model totals, read from ``ctx.reduced``, laid out as ``nan_reduce`` writes them:
+    [N: NAN's whole-model ‖x_i‖² | N·(L+1): its per-block ‖x_i‖², the last group outside the blocks | 2: LiNeS'
+    ‖Σ_i τ_i‖₁ and ‖τ_merged‖₁]."""
+    reduced = ctx.reduced
+    if reduced is None or len(reduced) != reduced_length(n, ctx):
+        raise ConfigError(f"{ctx.name}: NAN's whole-model or per-layer norms need every tensor merged from the same "
+                          "number of models (and the engine's reduction pass)")
+    slot = layer_slot(ctx)
+    return {"model": reduced[:n], "layer": reduced[n * (1 + slot):n * (2 + slot)], "lines": reduced[-2:]}
 
 
 def model_weights(base: torch.Tensor | None, models: list[torch.Tensor], params: dict[str, Any],
@@ -92,11 +122,8 @@ def model_weights(base: torch.Tensor | None, models: list[torch.Tensor], params:
     """The per-model weights a weighted method uses for this tensor: ``weight`` as resolved, or NAN's α."""
     if params.get("coefficients", "weights") != "nan":
         return list(params["weight"])
-    if params["nan_scope"] == "model":
-        if ctx.reduced is None or len(ctx.reduced) != len(models):
-            raise ConfigError(f"{ctx.name}: `nan_scope: model` needs every tensor merged from the same number of "
-                              "models")
-        return nan_coefficients(ctx.reduced.sqrt())
+    if params["nan_scope"] in ("model", "layer"):
+        return nan_coefficients(plugin_totals(len(models), ctx)[params["nan_scope"]].sqrt())
     if ctx.stats and "nan_squared_norms" in ctx.stats:  # gathered over the tensor's bands by NAN_NORMS_PASS
         return nan_coefficients(ctx.stats["nan_squared_norms"].sqrt())
     return nan_coefficients(squared_norms(base, models, params["nan_on"], ctx.name).sqrt())
@@ -107,7 +134,7 @@ def weights_known(params: dict[str, Any], ctx: TensorContext) -> bool:
     (what a fused kernel, which never holds float32 copies, needs)."""
     if params.get("coefficients", "weights") != "nan":
         return True
-    if params["nan_scope"] == "model":
+    if params["nan_scope"] in ("model", "layer"):
         return ctx.reduced is not None
     return bool(ctx.stats) and "nan_squared_norms" in ctx.stats
 
@@ -127,10 +154,15 @@ NAN_NORMS_PASS = StatsPass(
 
 def nan_reduce(base: torch.Tensor | None, models: list[torch.Tensor], params: dict[str, Any],
                ctx: TensorContext) -> torch.Tensor:
-    """The reduction pass of whole-model NAN: this tensor's share of each ‖x_i‖_F² (zeros where not needed)."""
-    if not uses_model_norms(params):
-        return torch.zeros(len(models), dtype=torch.float64)
-    return squared_norms(base, models, params["nan_on"], ctx.name)
+    """The reduction pass of whole-model and per-layer NAN: this tensor's share of each ‖x_i‖_F², in the layout of
+    ``plugin_totals`` (zeros where not needed)."""
+    n = len(models)
+    part = torch.zeros(reduced_length(n, ctx), dtype=torch.float64)
+    if uses_model_norms(params):
+        norms = squared_norms(base, models, params["nan_on"], ctx.name)
+        start = 0 if params["nan_scope"] == "model" else n * (1 + layer_slot(ctx))
+        part[start:start + n] = norms
+    return part
 
 
 def needs_model_norms(plan: Any) -> bool:

@@ -64,14 +64,18 @@ def nuslerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool
     return result.reshape(shape)
 
 
-def nuslerp(base: torch.Tensor, models: list[torch.Tensor], params: dict, ctx: TensorContext) -> torch.Tensor:
+def nuslerp(base: torch.Tensor | None, models: list[torch.Tensor], params: dict,
+            ctx: TensorContext) -> torch.Tensor:
     """NuSLERP (mergekit): spherical interpolation of the two task vectors, t = w_1 / (w_0 + w_1) (0.5 when the
-    weights sum to 0): θ = θ_base + nuslerp(t, τ_0, τ_1)."""
+    weights sum to 0): θ = θ_base + nuslerp(t, τ_0, τ_1); without a base, of the two models' weights:
+    θ = nuslerp(t, θ_0, θ_1)."""
     w0, w1 = params["weight"]
     total = w0 + w1
     t = 0.5 if abs(total) < 1e-6 else w1 / total
-    return base + nuslerp_vectors(t, models[0] - base, models[1] - base, params["nuslerp_row_wise"],
-                                  params["nuslerp_flatten"])
+    row_wise, flatten = params["nuslerp_row_wise"], params["nuslerp_flatten"]
+    if base is None:
+        return nuslerp_vectors(t, models[0], models[1], row_wise, flatten)
+    return base + nuslerp_vectors(t, models[0] - base, models[1] - base, row_wise, flatten)
 
 
 def model_stock(base: torch.Tensor, models: list[torch.Tensor], params: dict, ctx: TensorContext) -> torch.Tensor:
@@ -116,12 +120,12 @@ register(MergeMethod(
 
 register(MergeMethod(
     name="nuslerp", fn=nuslerp,
-    summary="spherical interpolation of two task vectors, per row or flattened, added to the base",
+    summary="spherical interpolation of two task vectors (two models without a base), per row or flattened",
     paper="mergekit's NuSLERP (Goddard et al. 2024, arXiv:2403.13257)",
     params=(Param("weight", float, 1.0, "relative weight; t = w_1 / (w_0 + w_1)", per_model=True),
             Param("nuslerp_row_wise", bool, False, "interpolate vectors along the first dimension instead of the last"),
             Param("nuslerp_flatten", bool, True, "interpolate each tensor as one flat vector (overrides row_wise)")),
-    base="required", min_models=2, max_models=2,
+    base="optional", separate_base=True, min_models=2, max_models=2,
 ))
 
 register(MergeMethod(

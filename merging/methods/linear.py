@@ -13,6 +13,7 @@ from .coefficients import (
     needs_model_norms,
     weights_known,
 )
+from .lines import LINES_PARAMS, lines_scale, make_reduce, needs_reduction
 from .registry import MergeMethod, Param, Preset, TensorContext, register
 
 WEIGHT = Param("weight", float, 1.0, "how much this model counts (negative values subtract it)", per_model=True)
@@ -55,16 +56,18 @@ def task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], params: dict
     Computed as θ = (1 − Σ c_i) θ_base + Σ c_i θ_i with c_i = λ w_i (/ Σ w_i): the same sum, rearranged so that
     each input is read once by one fused multiply-add and no task vector is materialized.
     """
-    coefficients = _task_coefficients(model_weights(base, models, params, ctx), params)
+    coefficients = _task_coefficients(model_weights(base, models, params, ctx), params, lines_scale(params, ctx,
+                                                                                                    len(models)))
     merged = base * (1.0 - sum(coefficients))
     for c, theta in zip(coefficients, models):
         merged.add_(theta, alpha=c)
     return merged
 
 
-def _task_coefficients(weights: list[float], params: dict) -> list[float]:
-    """c_i = λ w_i (/ Σ w_i when ``normalize``): each model's share in θ = (1 − Σ c_i) θ_base + Σ c_i θ_i."""
-    scale = params["lambda"]
+def _task_coefficients(weights: list[float], params: dict, depth_scale: float = 1.0) -> list[float]:
+    """c_i = λ w_i (/ Σ w_i when ``normalize``), times LiNeS' λ(ℓ) when on: each model's share in
+    θ = (1 − Σ c_i) θ_base + Σ c_i θ_i."""
+    scale = params["lambda"] * depth_scale
     if params["normalize"]:
         total = sum(weights)
         scale /= total if abs(total) > 1e-8 else 1.0
@@ -75,7 +78,8 @@ def task_arithmetic_native(base, models, params, ctx, out_dtype):
     """``task_arithmetic`` as one fused pass over the stored inputs (merging/native)."""
     if not weights_known(params, ctx):
         return None
-    coefficients = _task_coefficients(model_weights(None, models, params, ctx), params)
+    coefficients = _task_coefficients(model_weights(None, models, params, ctx), params,
+                                      lines_scale(params, ctx, len(models)))
     return ops.weighted_sum([base, *models], [1.0 - sum(coefficients), *coefficients], out_dtype)
 
 
@@ -96,9 +100,12 @@ register(MergeMethod(
     paper="Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
     params=(WEIGHT, Param("lambda", float, 1.0, "scales the merged task vector"),
             Param("normalize", bool, False, "divide the sum of task vectors by the sum of the weights"),
-            *COEFFICIENT_PARAMS),
+            *COEFFICIENT_PARAMS, *LINES_PARAMS),
     presets=(Preset("paper", "vision, 8 tasks: λ = 0.3 (Ilharco et al.)", {"weight": 1.0, "lambda": 0.3}),
-             Preset("two_tasks", "two tasks: λ = 0.8 (Ilharco et al.)", {"weight": 1.0, "lambda": 0.8})),
-    base="required", min_models=1, reduce=nan_reduce, reduce_needed=needs_model_norms,
+             Preset("two_tasks", "two tasks: λ = 0.8 (Ilharco et al.)", {"weight": 1.0, "lambda": 0.8}),
+             Preset("lines", "with LiNeS: λ = 1, α = 1/N from the norms, β = 0.5 (Wang et al. 2025; β tuned on "
+                             "validation there)", {"lambda": 1.0, "lines": "on", "lines_alpha_from": "norm_ratio",
+                                                   "lines_beta": 0.5})),
+    base="required", min_models=1, reduce=make_reduce(task_arithmetic), reduce_needed=needs_reduction,
     elementwise=True, stats=(NAN_NORMS_PASS,), native=task_arithmetic_native,
 ))

@@ -30,9 +30,20 @@ class Param:
     max: float | None = None
     min_exclusive: bool = False
     choices: tuple[str, ...] | None = None
+    aliases: tuple[tuple[Any, Any], ...] = ()  # (written, meant): e.g. mergekit's `rescale: true` for `l1`
+
+    def normalized(self, value: Any) -> Any:
+        """``value`` with an alias replaced by what it stands for (booleans matched as booleans, not as 0/1)."""
+        for written, meant in self.aliases:
+            if value is written or (type(value) is type(written) and value == written):
+                return meant
+        return value
 
     def check(self, value: Any, where: str) -> Any:
         """Validate one scalar value; returns it converted to the parameter's type."""
+        value = self.normalized(value)
+        if value is None and self.default is None:  # an optional parameter left unset (passthrough's `scale`)
+            return None
         if self.type is bool:
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}: `{self.name}` must be true or false, got {value!r}")
@@ -77,6 +88,9 @@ class TensorContext:
     band: tuple[int, int] | None = None
     shape: tuple[int, ...] = ()
     stats: Any = None  # the result of the method's per-tensor statistics passes (see StatsPass)
+    model_stats: Any = None  # the result of the method's whole-model statistics passes (``MergeMethod.model_stats``)
+    layer: int | None = None  # the block index of the tensor (``merging.plan.layer_index``), None outside the blocks
+    num_layers: int | None = None  # the output's block count
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded by (seed, tensor name[, first row of the band]): the same bytes in any order, on any
@@ -142,6 +156,8 @@ class MergeMethod:
         settings), ``randomized`` (draws from the seeded generators).
     What it takes:
         ``base`` ("required", "optional" or "none"), ``min_models``/``max_models`` (models besides the base),
+        ``separate_base`` (with an optional base: a base also listed under ``models`` is not one of the models, as
+        mergekit's non-base inputs; default: only for a required base),
         ``validate(params, where)`` (rules between parameters, on resolved values; raises ConfigError): run on
         the config at its probe points (``merging.params.probe_points``) and on every tensor's values when the
         merge is planned, so a config the app calls valid never fails on its first tensor;
@@ -156,10 +172,15 @@ class MergeMethod:
         ``native(base, models, params, ctx, out_dtype)``: the same result from fused CPU kernels on the inputs as
         stored, or None to let ``fn`` run.
     Whole-model quantities:
+        ``model_stats`` (StatsPass, each run over every band of every merged tensor before the merge: parts summed
+        or concatenated over the whole model, then ``finish(combined, params, ctx)`` with ``ctx.shape`` the whole
+        task vector's length; the result is ``ctx.model_stats``: e.g. TIES' exact global top-k threshold),
+        ``model_stats_needed(plan)`` (whether this plan needs them; it also validates the plan);
         ``reduce`` (a streaming pass before the merge, its 1-D results summed over every tensor into
         ``ctx.reduced``), ``reduce_needed(plan)`` (whether this plan needs it; it may also validate the plan),
         ``reduce_after_merge`` (only ``finalize`` reads the totals, so the engine gathers them during the merge
-        pass itself), ``native_reduce`` (``reduce`` on the stored inputs).
+        pass itself), ``native_reduce`` (``reduce`` on the stored inputs), ``reduce_stats(params)`` (whether a
+        tensor's ``reduce`` needs its ``stats`` passes first, e.g. to merge it: ``ctx.stats`` is None otherwise).
     What it writes:
         ``outputs(task)`` (the (name, spec) pairs written for one input tensor, when not one tensor of the same
         name), ``finalize(plan, reduced)`` (extra files for the output folder), ``model_output`` (False when the
@@ -188,14 +209,18 @@ class MergeMethod:
     base: str = "required"  # "required", "optional" or "none"
     min_models: int = 1
     max_models: int | None = None
+    separate_base: bool = False
     validate: Callable[[dict[str, Any], str], None] | None = None
     ignored: tuple[str, ...] = ()
     elementwise: bool | Callable[..., bool] = False
     stats: tuple[StatsPass, ...] = ()
     native: Callable[..., tuple[Any, int | None] | None] | None = None
+    model_stats: tuple[StatsPass, ...] = ()
+    model_stats_needed: Callable[..., bool] | None = None
     reduce: ReduceFn | None = None
     reduce_needed: Callable[..., bool] | None = None
     reduce_after_merge: bool = False
+    reduce_stats: Callable[[dict[str, Any]], bool] | None = None
     native_reduce: Callable[..., torch.Tensor | None] | None = None
     outputs: Callable[..., list] | None = None
     finalize: Callable[..., dict[str, bytes]] | None = None

@@ -10,8 +10,18 @@ only in how each τ_i is sparsified, whether a sign is elected and their default
                         Δ = Σ_i m_i δ_i,                   divisor = Σ_i m_i w_i   (the disjoint mean)
     θ = θ_base + λ · Δ / divisor   (the division only when ``normalize``; a zero divisor counts as 1)
 
-``rescale`` multiplies each sparsified τ_i so that its L1 norm equals the original's (mergekit's rescale; DARE's
-paper divides by the keep probability instead: both keep the expected magnitude, the L1 form exactly per tensor).
+The defaults are mergekit's, so a mergekit config gives the same bytes; each paper's own semantics is an option
+and its "paper" preset (``methods.sparsify`` has the details):
+
+- TIES (Yadav et al. 2023, §3): ``topk_scope: model`` trims over the whole flattened task vector (keep |τ_i| ≥
+  its k-th largest value, ties kept, as the official code) instead of per tensor; ``merge: sum`` is the official
+  code's disjoint sum (used with λ = 0.3 in the ViT protocol), ``mean`` the disjoint mean of Eq. 3. The official
+  code elects the majority sign where Σ τ = 0 exactly; this module keeps mergekit's + (a measure-zero difference).
+- DARE (Yu et al. 2024, Eq. 2) and DELLA (Deep et al. 2024, Eq. 3): ``rescale: inverse_keep`` divides each survivor
+  by its keep probability (unbiased); ``rescale: l1`` (or ``true``, mergekit's) rescales the sparsified task vector
+  to the original's L1 norm, which keeps the expected magnitude per tensor but is biased element by element.
+- NAN (``coefficients``) and LiNeS (``lines``) are plug-ins: per-model weights and a per-block scale of λ.
+
 DARE's random masks hash (seed, tensor name, model, element position) (``merging/native/rng.py``), DELLA's draw from
 ``ctx.generator()`` seeded by (seed, tensor name, band): the same config gives the same bytes in any order and on
 any number of threads.
@@ -20,215 +30,33 @@ any number of threads.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from functools import partial
 
 import torch
 
 from ..errors import ConfigError
 from ..native import ops, rng
-from .coefficients import (
-    COEFFICIENT_PARAMS,
-    NAN_NORMS_PASS,
-    model_weights,
-    nan_reduce,
-    needs_model_norms,
-    ordered_sum,
-    weights_known,
+from .coefficients import COEFFICIENT_PARAMS, NAN_NORMS_PASS, model_weights, weights_known
+from .global_topk import global_topk_passes
+from .lines import LINES_PARAMS, lines_scale, make_reduce, needs_reduction, reduce_stats
+from .registry import MergeMethod, Param, Preset, TensorContext, register
+from .sparsify import (  # noqa: F401 - re-exported: the analysis and the tests import them from here
+    della_keep_probabilities,
+    global_cut,
+    global_rank,
+    magnitude_outliers_prune,
+    magnitude_prune,
+    random_prune,
+    rescale_factors,
+    rescale_l1,
+    rescale_mode,
+    sparsified_ranks,
+    sparsifies,
+    sparsify,
+    sparsify_passes,
+    top_k_mask,
+    validate_della,
 )
-from .registry import MergeMethod, Param, Preset, StatsPass, TensorContext, register
-from .selection import topk_passes
-
-# --- sparsification: each takes one task vector and returns it with some entries set to zero -----------------
-
-def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """A bool mask of exactly the ``k`` largest entries, found by selection (kthvalue), not a full sort.
-
-    Ties at the threshold are broken by flat position (first ones kept), so the mask is deterministic and the
-    top-k mask is always contained in the top-(k+j) mask.
-    """
-    flat = magnitude.reshape(-1)
-    n = flat.numel()
-    if k >= n:
-        return torch.ones_like(magnitude, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(magnitude, dtype=torch.bool)
-    threshold = flat.kthvalue(n - k + 1).values  # the k-th largest value
-    mask = flat > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:
-        tied = (flat == threshold).nonzero().reshape(-1)[:missing]
-        mask[tied] = True
-    return mask.reshape(magnitude.shape)
-
-
-def rescale_l1(original: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """``kept`` times ‖original‖₁ / ‖kept‖₁, so the sparsified vector has the original's L1 norm (sums in a fixed
-    order: the same bytes on any number of threads)."""
-    before = ordered_sum(original.abs())
-    after = ordered_sum(kept.abs())
-    if before < eps or after < eps:
-        return kept
-    return kept * (before / after)
-
-
-def magnitude_prune(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES' trim: keep the ``density`` fraction of entries largest in |τ| (at least one), zero the rest."""
-    if density >= 1:
-        return tau
-    if density <= 0 or tau.numel() == 0:
-        return torch.zeros_like(tau)
-    k = max(1, int(density * tau.numel()))
-    return tau * top_k_mask(tau.abs(), k)
-
-
-def magnitude_outliers_prune(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Model Breadcrumbs: drop the largest ``gamma`` fraction by |τ| (outliers), then the smallest, so that
-    ``density`` of the entries stay. In ascending order of |τ| the kept ranks are [n_bot, n_bot + n_keep) with
-    n_keep = ⌊density·n⌋ and n_bot = max(0, n − n_keep − ⌊gamma·n⌋): when gamma + density > 1 fewer outliers go."""
-    if density >= 1:
-        return tau
-    n = tau.numel()
-    keep = int(density * n)
-    n_bottom = max(0, n - keep - int(gamma * n))
-    magnitude = tau.abs()
-    below_top = top_k_mask(magnitude, n - n_bottom)  # everything except the smallest n_bottom
-    outliers = top_k_mask(magnitude, n - n_bottom - keep)  # the largest ones beyond the kept band
-    return tau * (below_top & ~outliers)
-
-
-def random_prune(tau: torch.Tensor, density: float, ctx: TensorContext, model: int) -> torch.Tensor:
-    """DARE: keep each entry independently with probability ``density`` (drop rate p = 1 − density); the draws
-    are a hash of (seed, tensor, model, element position), so any band layout gives the same mask."""
-    if density >= 1:
-        return tau
-    return tau * rng.keep_mask(ctx, model, tau.shape, density, tau.device)
-
-
-def della_keep_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA's MagPrune: within each row, p_keep = density − ε + 2ε · r, r the entry's |τ| rank scaled to [0, 1]
-    (smallest 0, largest 1); a 1-D tensor is one row."""
-    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
-    width = rows.shape[1]
-    order = rows.abs().argsort(dim=1, stable=True)
-    ranks = torch.empty_like(rows)
-    ranks.scatter_(1, order, torch.arange(width, dtype=rows.dtype, device=rows.device).expand_as(rows).contiguous())
-    scaled = ranks / (width - 1) if width > 1 else torch.full_like(ranks, 0.5)
-    return ((density - epsilon) + 2 * epsilon * scaled).reshape(tau.shape)
-
-
-def check_della_bounds(density: float, epsilon: float, where: str) -> None:
-    """DELLA's keep probabilities density ± ε must lie in (0, 1) (a density of 1 keeps everything)."""
-    if density < 1 and (density - epsilon <= 0 or density + epsilon >= 1):
-        raise ConfigError(f"{where}: della needs 0 < density ± epsilon < 1, got density {density:g}, "
-                          f"epsilon {epsilon:g}")
-
-
-def validate_della(params: dict, where: str) -> None:
-    """``validate`` of the DELLA methods: each model's density ± epsilon in (0, 1)."""
-    for i, (density, epsilon) in enumerate(zip(params["density"], params["epsilon"])):
-        check_della_bounds(density, epsilon, f"{where} (model {i + 1})" if len(params["density"]) > 1 else where)
-
-
-def della_prune(tau: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
-                where: str = "della") -> torch.Tensor:
-    """DELLA: keep each entry with its magnitude-ranked probability (see ``della_keep_probabilities``)."""
-    if density >= 1:
-        return tau
-    if density <= 0:
-        return torch.zeros_like(tau)
-    check_della_bounds(density, epsilon, where)
-    probabilities = della_keep_probabilities(tau, density, epsilon)
-    keep = torch.rand(tau.shape, generator=generator, device=tau.device, dtype=torch.float32) < probabilities
-    return tau * keep
-
-
-def sparsify(tau: torch.Tensor, how: str | None, params: dict, i: int, generator: torch.Generator | None,
-             ctx: TensorContext, rescale: bool = True) -> torch.Tensor:
-    """Apply sparsification ``how`` to model ``i``'s task vector with its own density (and gamma/epsilon).
-
-    On a band of a tensor (``ctx.band``) the whole-tensor quantities come from the stats passes in ``ctx.stats``:
-    the exact top-k cuts and the L1 norms for the rescale.
-    """
-    if how is None:
-        return tau
-    density = params["density"][i]
-    cuts = (ctx.stats or {}).get("cuts")
-    if how == "magnitude":
-        kept = tau * cuts[i][0].keep(tau.abs(), ctx) if cuts and density < 1 else magnitude_prune(tau, density)
-    elif how == "outliers":
-        if cuts and density < 1:
-            magnitude = tau.abs()
-            kept = tau * (cuts[i][0].keep(magnitude, ctx) & ~cuts[i][1].keep(magnitude, ctx))
-        else:
-            kept = magnitude_outliers_prune(tau, density, params["gamma"][i])
-    elif how == "random":
-        kept = random_prune(tau, density, ctx, i)
-    elif how == "della":
-        kept = della_prune(tau, density, params["epsilon"][i], generator, ctx.name)
-    else:
-        raise ValueError(how)
-    if rescale and params.get("rescale") and density < 1:
-        l1 = (ctx.stats or {}).get("l1")
-        if l1 is None:
-            kept = rescale_l1(tau, kept)
-        elif l1[0][i] >= 1e-7 and l1[1][i] >= 1e-7:
-            kept = kept * float(l1[0][i] / l1[1][i])
-    return kept
-
-
-def sparsified_ranks(how: str) -> Callable[[dict, int, int], list[int]]:
-    """The ranks whose exact magnitude thresholds ``sparsify`` needs, per model: top-k for TIES; for Breadcrumbs
-    everything but the smallest n_bottom, and the outliers above the kept band."""
-    def ranks(params: dict, i: int, n: int) -> list[int]:
-        density = params["density"][i]
-        if how == "magnitude":
-            return [n if density >= 1 else (0 if density <= 0 else max(1, int(density * n)))]
-        keep = int(density * n)
-        n_bottom = max(0, n - keep - int(params["gamma"][i] * n))
-        return [n - n_bottom, n - n_bottom - keep]
-    return ranks
-
-
-def _sparsifies(params: dict) -> bool:
-    return any(d < 1 for d in params["density"])
-
-
-def _l1_pass(how: str) -> StatsPass:
-    """The L1 norms before and after sparsification, summed over bands, for ``rescale`` (same random draws as the
-    merge itself: DARE's draws hash the element position, DELLA's generator is seeded by the band)."""
-    def collect(base, models, params, ctx):
-        generator = ctx.generator(base.device) if how == "della" else None
-        before, after = [], []
-        for i, theta in enumerate(models):
-            tau = theta - base
-            kept = sparsify(tau, how, params, i, generator, ctx, rescale=False)
-            before.append(ordered_sum(tau.abs()).to(torch.float64))
-            after.append(ordered_sum(kept.abs()).to(torch.float64))
-        return {"l1": torch.stack([torch.stack(before), torch.stack(after)])}
-
-    def collect_native(base, models, params, ctx):
-        if how != "random":
-            return None
-        start = rng.first_index(ctx)
-        sums = [ops.random_l1(base, theta, rng.model_key(ctx, i), rng.keep_limit(min(1.0, params["density"][i])),
-                              start) for i, theta in enumerate(models)]
-        return {"l1": torch.tensor([[s[0] for s in sums], [s[1] for s in sums]], dtype=torch.float64)}
-
-    return StatsPass(collect, finish=lambda combined, params, ctx: {**(ctx.stats or {}), **combined},
-                     needed=lambda params: bool(params.get("rescale")) and _sparsifies(params),
-                     native=collect_native)
-
-
-def stats_passes(how: str | None) -> tuple[StatsPass, ...]:
-    """What a family member needs before merging a tensor band by band."""
-    passes: tuple[StatsPass, ...] = (NAN_NORMS_PASS,)
-    if how in ("magnitude", "outliers"):
-        passes += topk_passes(sparsified_ranks(how), needed=_sparsifies)
-    if how is not None:
-        passes += (_l1_pass(how),)
-    return passes
-
 
 # --- the generalized merge -------------------------------------------------------------------------------------
 
@@ -237,6 +65,11 @@ def elect_sign_mask(deltas: torch.Tensor) -> torch.Tensor:
     the mask keeps entries whose own sign agrees (zeros never do)."""
     elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
     return deltas.sign() == elected
+
+
+def divides(params: dict) -> bool:
+    """Whether the merged sum is divided by the weights (``normalize``; TIES' ``merge: sum`` never divides)."""
+    return bool(params["normalize"]) and params.get("merge", "mean") == "mean"
 
 
 def merge_task_vectors(base: torch.Tensor, models: list[torch.Tensor], params: dict, ctx: TensorContext, *,
@@ -257,24 +90,12 @@ def merge_task_vectors(base: torch.Tensor, models: list[torch.Tensor], params: d
         merged = deltas.sum(dim=0)
         divisor = w.sum(dim=0).expand_as(merged).clone()
         divisor[divisor.abs() < 1e-8] = 1
-    if params["normalize"]:
+    if divides(params):
         merged /= divisor
-    if params["lambda"] != 1:
-        merged *= params["lambda"]
+    lam = params["lambda"] * lines_scale(params, ctx, len(models))
+    if lam != 1:
+        merged *= lam
     return base + merged
-
-
-def _rescale_factors(params: dict, ctx: TensorContext, sparsifying: bool) -> list[float] | None:
-    """Each model's rescale factor ‖τ_i‖₁ / ‖sparsified τ_i‖₁ from the L1 pass (1 where not rescaled); None when the
-    pass has not run (the torch path then computes it from the tensor)."""
-    n = len(params["density"])
-    if not (sparsifying and params.get("rescale")):
-        return [1.0] * n
-    l1 = (ctx.stats or {}).get("l1")
-    if l1 is None:
-        return None
-    return [float(l1[0][i] / l1[1][i]) if params["density"][i] < 1 and l1[0][i] >= 1e-7 and l1[1][i] >= 1e-7 else 1.0
-            for i in range(n)]
 
 
 def merge_task_vectors_native(base, models, params, ctx, out_dtype, *, sparsification: str | None,
@@ -283,12 +104,17 @@ def merge_task_vectors_native(base, models, params, ctx, out_dtype, *, sparsific
     torch path (statistics that were not gathered)."""
     if not weights_known(params, ctx):
         return None
-    sparsifying = sparsification is not None and _sparsifies(params)
-    scales = _rescale_factors(params, ctx, sparsifying)
+    sparsifying = sparsification is not None and sparsifies(params)
+    scales = rescale_factors(params, ctx, sparsifying)
     if scales is None:
         return None
     cuts = draws = None
-    if sparsifying and sparsification in ("magnitude", "outliers"):
+    if sparsifying and sparsification == "magnitude" and global_cut(params):
+        found = (ctx.model_stats or {}).get("global")
+        if found is None:
+            return None
+        cuts = [[(found[i], -1)] if params["density"][i] < 1 else [(-math.inf, -1)] for i in range(len(models))]
+    elif sparsifying and sparsification in ("magnitude", "outliers"):
         found = (ctx.stats or {}).get("cuts")
         if found is None:
             return None
@@ -302,8 +128,8 @@ def merge_task_vectors_native(base, models, params, ctx, out_dtype, *, sparsific
     weights = model_weights(None, models, params, ctx)
     total = sum(weights)
     return ops.task_vectors(base, models, weights, scales, out_dtype, cuts=cuts, draws=draws, consensus=consensus,
-                            normalize=params["normalize"], divisor=total if abs(total) >= 1e-8 else 1.0,
-                            lam=params["lambda"])
+                            normalize=divides(params), divisor=total if abs(total) >= 1e-8 else 1.0,
+                            lam=params["lambda"] * lines_scale(params, ctx, len(models)))
 
 
 # --- the registered methods ------------------------------------------------------------------------------------
@@ -322,50 +148,90 @@ def _normalize(default: bool) -> Param:
                  "election): a weighted mean rather than a sum")
 
 
-def _rescale(default: bool) -> Param:
-    return Param("rescale", bool, default, "rescale each sparsified task vector to its original L1 norm")
+def _rescale(default: bool, random: bool) -> Param:
+    if not random:
+        return Param("rescale", bool, default, "rescale each sparsified task vector to its original L1 norm")
+    return Param("rescale", str, "l1" if default else "none",
+                 "after the random drop: `l1` rescales each task vector to its original L1 norm (mergekit; `true`), "
+                 "`inverse_keep` divides each survivor by its keep probability (the paper: unbiased), `none` "
+                 "(`false`)", choices=("l1", "inverse_keep", "none"), aliases=((True, "l1"), (False, "none")))
 
 
+TOPK_SCOPE = Param("topk_scope", str, "tensor", "TIES' top-k per `tensor` (mergekit) or one threshold over the whole "
+                   "task vector, `model` (the official code: keep |τ| ≥ the k-th largest; one more pass)",
+                   choices=("tensor", "model"))
+MERGE = Param("merge", str, "mean", "the agreeing entries' disjoint `mean` (with normalize, mergekit) or disjoint "
+              "`sum` (the official code's ViT protocol with λ = 0.3; the same as normalize: false)",
+              choices=("mean", "sum"))
 GAMMA = Param("gamma", float, 0.01, "fraction of the largest-magnitude entries dropped as outliers", per_model=True,
               min=0.0, max=1.0)
 EPSILON = Param("epsilon", float, 0.15, "spread of keep probabilities: density ± epsilon from smallest to largest "
                 "magnitude in each row", per_model=True, min=0.0, max=1.0)
 
-TIES_PAPER = "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)"
+TIES_PAPER = "Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models (arXiv:2306.01708)"
 DARE_PAPER = "Yu et al. 2024, Language models are Super Mario: DARE (arXiv:2311.03099)"
 BREADCRUMBS_PAPER = "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv:2312.06795)"
 DELLA_PAPER = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
-DARE_PRESETS = (Preset("paper", "drop 90 %: density 0.1 (Yu et al.)", {"density": 0.1}),
+DARE_PRESETS = (Preset("paper", "drop 90 %, survivors ÷ (1 − p) (Yu et al., Eq. 2): density 0.1",
+                       {"density": 0.1, "rescale": "inverse_keep"}),
                 Preset("several_models", "several models: drop 50 %, density 0.5", {"density": 0.5}))
 BREADCRUMBS_PRESETS = (Preset("paper", "drop the top 1 %, keep 90 % (Davari & Belilovsky)",
                               {"density": 0.9, "gamma": 0.01}),)
-DELLA_PRESETS = (Preset("paper", "density 0.7, ε 0.15 (Deep et al.)", {"density": 0.7, "epsilon": 0.15}),)
+DELLA_PRESETS = (Preset("paper", "density 0.7, ε 0.15, survivors ÷ own keep probability (Deep et al.)",
+                        {"density": 0.7, "epsilon": 0.15, "rescale": "inverse_keep"}),)
+TIES_PRESETS = (
+    Preset("paper", "official code, ViT protocol: top 20 % of the whole task vector, disjoint sum, λ = 0.3 "
+                    "(Yadav et al.; EMR's TIES script)",
+           {"density": 0.2, "topk_scope": "model", "merge": "sum", "lambda": 0.3}),
+    Preset("paper_mean", "paper's text: top 20 % of the whole task vector, disjoint mean, λ = 1 (Yadav et al.)",
+           {"density": 0.2, "topk_scope": "model", "merge": "mean", "normalize": True, "lambda": 1.0}),
+    Preset("mergekit", "mergekit's: top 20 % per tensor, disjoint mean, λ = 1",
+           {"density": 0.2, "topk_scope": "tensor", "lambda": 1.0, "normalize": True}),
+)
+
+
+def _global_scope_needed(plan) -> bool:
+    """``model_stats_needed`` of TIES: whether any tensor asks for ``topk_scope: model``; then every merged tensor
+    must, with the same densities (one threshold over the whole task vector)."""
+    merged = [t for t in plan.tasks if not t.copy]
+    scoped = [t for t in merged if global_cut(t.params) and sparsifies(t.params)]
+    if not scoped:
+        return False
+    first = scoped[0]
+    for task in merged:
+        if not global_cut(task.params) or list(task.params["density"]) != list(first.params["density"]):
+            raise ConfigError(f"{task.name}: `topk_scope: model` takes one threshold over the whole task vector: "
+                              "every tensor needs it, with the same density (no per-layer values or filters)")
+    return True
 
 
 def _register(name: str, summary: str, paper: str, sparsification: str | None, consensus: bool, extra: tuple,
               normalize: bool, rescale: bool, presets: tuple[Preset, ...] = ()) -> None:
     """Register one member of the family; its defaults for ``normalize`` and ``rescale`` are mergekit's."""
-    params = (WEIGHT, *extra, LAMBDA, _normalize(normalize), _rescale(rescale), INT8_MASK, *COEFFICIENT_PARAMS)
+    random = sparsification in ("random", "della")
+    params = (WEIGHT, *extra, LAMBDA, _normalize(normalize), _rescale(rescale, random), INT8_MASK,
+              *COEFFICIENT_PARAMS, *LINES_PARAMS)
     fn = partial(merge_task_vectors, sparsification=sparsification, consensus=consensus)
     fn.__doc__ = f"{summary} ({paper}); see ``merge_task_vectors``."
     native = None  # DELLA's per-row magnitude ranks are a sort: only the torch path has them
     if sparsification != "della":
         native = partial(merge_task_vectors_native, sparsification=sparsification, consensus=consensus)
+    ties = sparsification == "magnitude"
     register(MergeMethod(
         name=name, fn=fn, summary=summary, paper=paper, params=params, presets=presets, base="required",
         min_models=1, validate=validate_della if sparsification == "della" else None,
-        trim_key="cuts" if sparsification == "magnitude" else None,
-        randomized=sparsification in ("random", "della"), reduce=nan_reduce, reduce_needed=needs_model_norms,
-        elementwise=True, stats=stats_passes(sparsification), native=native,
+        trim_key="cuts" if ties else None, randomized=random,
+        reduce=make_reduce(fn), reduce_needed=needs_reduction, reduce_stats=reduce_stats,
+        elementwise=True, stats=(NAN_NORMS_PASS, *sparsify_passes(sparsification)), native=native,
+        model_stats=global_topk_passes(global_rank, needed=lambda p: global_cut(p) and sparsifies(p)) if ties else (),
+        model_stats_needed=_global_scope_needed if ties else None,
     ))
 
 
 _register("ties", "trim each task vector to its largest entries, elect a sign per entry, average the agreeing ones",
           TIES_PAPER, "magnitude", True,
-          (_density("fraction of each task vector kept, by magnitude (the paper uses 0.2; 1 keeps all)"),),
-          normalize=True, rescale=False,
-          presets=(Preset("paper", "top 20 %, λ = 1 (Yadav et al.)",
-                          {"density": 0.2, "lambda": 1.0, "normalize": True}),))
+          (_density("fraction of each task vector kept, by magnitude (the paper uses 0.2; 1 keeps all)"), TOPK_SCOPE,
+           MERGE), normalize=True, rescale=False, presets=TIES_PRESETS)
 _register("dare_linear", "drop task-vector entries at random, rescale the survivors, add the weighted sum",
           DARE_PAPER, "random", False, (_density("keep probability of each entry (1 − the drop rate p)"),),
           normalize=False, rescale=True, presets=DARE_PRESETS)

@@ -1,6 +1,7 @@
 """Pure functions from the zoo's "Learn" data (``merging.zoo.learn``: plain dicts) to Plotly figures. No Gradio here.
 
-- ``table_chart``: the EMR paper's table on the zoo: average and normalized accuracy per method.
+- ``table_chart``: the merging papers' table on the zoo: average and normalized accuracy per method, and what each
+  method's own paper reports.
 - ``lambda_chart``: task arithmetic θ = θ_base + λ Σ_i τ_i at one λ, accuracy per task next to each fine-tune's own.
 - ``barrier_chart``: accuracy along the interpolation path of two MLPs: naive, re-basin, re-basin + REPAIR.
 - ``emr_steps_chart``: EMR-Merging built up step by step (elect, + mask, + rescale), the paper's ablation.
@@ -35,8 +36,9 @@ def _finish(fig: go.Figure, title: str, x_title: str, y_title: str, **layout) ->
 
 def table_chart(table: dict) -> go.Figure:
     """One row per method of the table (``merging.zoo.learn.table_data``): horizontal bars of the average accuracy
-    over the tasks and of the normalized accuracy (1/T Σ_t acc_merged(t) / acc_individual(t)); the paper's
-    ViT-B/32 average (Huang et al. 2024, Table 1) as a marker where the method is in the paper."""
+    over the tasks and of the normalized accuracy (1/T Σ_t acc_merged(t) / acc_individual(t)); the average each
+    method's paper reports on ViT-B/32 with eight tasks (``merging.zoo.rows.PAPER_VIT_B32``: EMR's Table 2 and the
+    newer methods' own tables; the hover names the table) as a marker where there is one."""
     rows = [r for r in table.get("rows", []) if r.get("status", "ok") == "ok" and r.get("average") is not None]
     labels = [r["label"] for r in rows]
     tasks = table.get("tasks") or []
@@ -50,12 +52,14 @@ def table_chart(table: dict) -> go.Figure:
                orientation="h", marker_color="#84a98c",
                hovertemplate="%{y}<br>normalized %{x:.1f} %<extra></extra>"),
     ])
-    paper = [(r["label"], r.get("paper_vit_b32_average")) for r in rows if r.get("paper_vit_b32_average") is not None]
+    paper = [(r["label"], r.get("paper_vit_b32_average"), r.get("paper_source") or "")
+             for r in rows if r.get("paper_vit_b32_average") is not None]
     if paper:
         fig.add_trace(go.Scatter(
-            y=[label for label, _ in paper], x=[v for _, v in paper], name="EMR paper, ViT-B/32 average",
+            y=[label for label, _, _ in paper], x=[v for _, v, _ in paper], name="paper-reported, ViT-B/32 average",
             mode="markers", marker=dict(symbol="diamond", size=10, color=NEUTRAL[1]),
-            hovertemplate="%{y}<br>paper (ViT-B/32, 8 tasks): %{x:.1f} %<extra></extra>"))
+            customdata=[source for _, _, source in paper],
+            hovertemplate="%{y}<br>paper (ViT-B/32, 8 tasks): %{x:.1f} %<br>%{customdata}<extra></extra>"))
     split = table.get("split", "test")
     return _finish(fig, f"Merging methods on the zoo ({len(tasks)} tasks, {split} split)", "accuracy", "",
                    barmode="group", height=max(440, 34 * len(rows) + 160), xaxis=dict(range=[0, 105], ticksuffix=" %"),

@@ -1,4 +1,4 @@
-"""``python -m merging zoo build|table|eval|evolve|rebasin``: the demo zoo from the command line."""
+"""``python -m merging zoo build|table|tune|eval|evolve|rebasin``: the demo zoo from the command line."""
 
 from __future__ import annotations
 
@@ -35,6 +35,22 @@ def cmd_table(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(table, indent=2) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(text)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .tune import SEARCHES, TUNED_FILE, read_tuned, tune, write_tuned
+
+    zoo = _zoo(args)
+    keys = args.row or list(SEARCHES)
+    unknown = [k for k in keys if k not in SEARCHES]
+    if unknown:
+        print(f"error: unknown row {', '.join(unknown)} (tunable: {', '.join(SEARCHES)})", file=sys.stderr)
+        return 2
+    results = {**read_tuned(zoo), **tune(zoo, keys, log=lambda m: print(m, file=sys.stderr))}
+    out = Path(args.out) if args.out else zoo.root / TUNED_FILE
+    write_tuned(results, out)
+    print(f"{len(keys)} rows tuned on the validation split; written to {out}")
     return 0
 
 
@@ -92,12 +108,17 @@ def add_commands(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_build)
 
-    p = with_zoo(sub.add_parser("table", help="the EMR paper's table on the zoo: every method's merge, scored"))
+    p = with_zoo(sub.add_parser("table", help="the merging papers' table on the zoo: every method's merge, scored"))
     p.add_argument("--json", default=None, metavar="OUT", help="also write the table as JSON")
     p.add_argument("--markdown", default=None, metavar="OUT", help="also write the table as Markdown")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--verbose", action="store_true", help="report each row's time on stderr")
     p.set_defaults(func=cmd_table)
+
+    p = with_zoo(sub.add_parser("tune", help="choose the frontier rows' free settings (λ, α, ...) on validation"))
+    p.add_argument("--row", action="append", help="tune only this row (repeatable; default: every tunable row)")
+    p.add_argument("--out", default=None, help="the JSON to write (default: <zoo>/tuned.json)")
+    p.set_defaults(func=cmd_tune)
 
     p = with_zoo(sub.add_parser("eval", help="per-task accuracy of a checkpoint (each task with its own head)"))
     p.add_argument("checkpoint", help="a checkpoint folder holding a zoo model (a merge, a fine-tune, an EMR task)")

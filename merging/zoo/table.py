@@ -1,6 +1,11 @@
-"""The EMR-Merging paper's main table (Huang et al. 2024, Table 1), on the zoo: per-task test accuracy of each
-method's merge of the eight task fine-tunes, their average, and the normalized accuracy
-(mean over tasks of merged accuracy / that task's individual fine-tune's accuracy).
+"""The merging papers' main table (the EMR-Merging paper's Table 2, grown with the 2024–2025 methods), on the zoo:
+per-task test accuracy of each method's merge of the eight task fine-tunes, their average, and the normalized
+accuracy (mean over tasks of merged accuracy / that task's individual fine-tune's accuracy), next to the average each
+paper reports on ViT-B/32 with eight tasks (``rows.PAPER_VIT_B32``, with its table).
+
+Each row follows its paper's protocol (``rows.rows``): fixed settings where the paper fixes them, and the free ones
+(λ, α, ...) chosen on the validation split only (``tuned.json``, from ``python -m merging zoo tune``), as the
+CMA-ES row's ``evolved.yml``; the test split is read only here.
 
 Merges go through the library (a config validated as ``parse_config`` validates it, run by ``run_merge`` with the
 registered methods; EMR's task models rebuilt by ``emr_store.extract_task``), so a row is what
@@ -14,7 +19,6 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,47 +27,12 @@ import torch
 from ..config import load_config
 from .eval import Zoo, average, evaluate_checkpoint, evaluate_state
 from .merges import is_registered, merged_tensors, zoo_config
+from .rows import PAPER_VIT_B32, Row, rows
 from .train import single_thread
+from .tune import TUNED_FILE, read_tuned
 
 SPLIT = "test"
 EVOLVED_CONFIG = "evolved.yml"
-# Average accuracy (%) of the same rows in the EMR paper's Table 1 (ViT-B/32, eight vision tasks).
-PAPER_VIT_B32 = {"individual": 90.5, "weight_averaging": 65.8, "fisher": 68.3, "regmean": 71.8,
-                 "task_arithmetic": 70.1, "ties": 73.6, "adamerging": 80.1, "emr": 88.7, "pretrained": 48.3,
-                 "emr_rescale_ta": 76.9, "emr_rescale_ties": 78.6}
-
-
-@dataclass(frozen=True)
-class Row:
-    key: str
-    label: str
-    method: str | None = None  # a registered merge method; None for rows computed otherwise
-    params: dict[str, Any] = field(default_factory=dict)
-    note: str = ""
-
-
-def rows(num_tasks: int) -> list[Row]:
-    """The table's rows with the papers' usual settings (fixed, not tuned on our zoo)."""
-    return [
-        Row("pretrained", "Pre-trained base (linear probe)", note="the base's body with each task's head"),
-        Row("individual", "Individual fine-tunes", note="each task's own fine-tune"),
-        Row("weight_averaging", "Weight averaging", "linear"),
-        Row("task_arithmetic", "Task Arithmetic (λ=0.3)", "task_arithmetic", {"lambda": 0.3}),
-        Row("ties", "TIES (k=20%, λ=1)", "ties", {"density": 0.2, "lambda": 1.0}),
-        Row("dare", "DARE + TA (p=0.5, λ=0.3)", "dare_linear", {"density": 0.5, "lambda": 0.3}),
-        Row("emr", "EMR-Merging", "emr", {"skip": ["head."]}, note="per-task models: elect, mask, rescale"),
-        Row("emr_rescale_ta", "Task Arithmetic + EMR mask & rescale", "emr_rescale",
-            {"unify": "task_arithmetic", "skip": ["head."]}, note="EMR's masks and rescalers on TA's task vector"),
-        Row("emr_rescale_ties", "TIES + EMR mask & rescale", "emr_rescale",
-            {"unify": "ties", "density": 0.2, "skip": ["head."]}, note="EMR's masks and rescalers on TIES"),
-        # NAN's α_i sum to 1; λ = 0.3·N makes equal norms reproduce task arithmetic at λ = 0.3.
-        Row("nan_task_arithmetic", f"NAN + Task Arithmetic (λ=0.3·{num_tasks})", "task_arithmetic",
-            {"coefficients": "nan", "lambda": round(0.3 * num_tasks, 6)}),
-        Row("nan_ties", "NAN + TIES (k=20%, λ=1)", "ties", {"coefficients": "nan", "density": 0.2, "lambda": 1.0}),
-        Row("fisher", "Fisher merging (256 ex./task)", note="diagonal Fisher on each task's training inputs"),
-        Row("regmean", "RegMean (α=0.9, 256 ex./task)", note="Gram matrices of each task's training inputs"),
-        Row("evolved", "Evolutionary search (CMA-ES)", note=f"the committed {EVOLVED_CONFIG}, found on validation"),
-    ]
 
 
 def build_table(zoo: Zoo | None = None, split: str = SPLIT, log: Callable[[str], None] | None = None) -> dict:
@@ -77,19 +46,23 @@ def _build_table(zoo: Zoo, split: str, log: Callable[[str], None] | None) -> dic
     tasks = zoo.tasks
     started = time.monotonic()
     individual = {t: evaluate_state(zoo, zoo.state(t), [t], split)[t] for t in tasks}
+    tuned = read_tuned(zoo)
     out_rows = []
     for row in rows(len(tasks)):
         t0 = time.monotonic()
-        entry: dict[str, Any] = {"key": row.key, "label": row.label, "method": row.method, "note": row.note}
+        entry: dict[str, Any] = {"key": row.key, "label": row.label, "method": row.method, "note": row.note,
+                                 "protocol": row.protocol}
         try:
-            scores, config_yaml = _row_scores(row, zoo, tasks, split, individual)
+            scores, config_yaml = _row_scores(row, zoo, tasks, split, individual, tuned)
         except _NotAvailable as exc:
             entry.update(status=f"n/a: {exc}", accuracy=None, average=None, normalized=None)
         else:
             entry.update(status="ok", accuracy=scores, average=average(scores),
                          normalized=sum(scores[t] / individual[t] for t in tasks) / len(tasks), config=config_yaml)
         entry["seconds"] = time.monotonic() - t0
-        entry["paper_vit_b32_average"] = PAPER_VIT_B32.get(row.key)
+        paper = PAPER_VIT_B32.get(row.key)
+        entry["paper_vit_b32_average"] = paper[0] if paper else None
+        entry["paper_source"] = paper[1] if paper else None
         out_rows.append(entry)
         if log:
             log(f"{row.label}: {entry['status']} ({entry['seconds']:.1f} s)")
@@ -112,8 +85,8 @@ class _NotAvailable(Exception):
     pass
 
 
-def _row_scores(row: Row, zoo: Zoo, tasks: list[str], split: str, individual: dict[str, float]
-                ) -> tuple[dict[str, float], str | None]:
+def _row_scores(row: Row, zoo: Zoo, tasks: list[str], split: str, individual: dict[str, float],
+                tuned: dict[str, dict]) -> tuple[dict[str, float], str | None]:
     if row.key == "pretrained":
         return evaluate_state(zoo, zoo.state("base"), tasks, split), None
     if row.key == "individual":
@@ -140,7 +113,12 @@ def _row_scores(row: Row, zoo: Zoo, tasks: list[str], split: str, individual: di
         raise _NotAvailable(f"method {row.method!r} is not registered yet")
     if row.method in ("emr", "emr_rescale"):
         return emr_scores(zoo, tasks, split, row.method, row.params)
-    config = zoo_config(zoo, row.method, row.params, tasks=tasks)
+    params, model_params = row.params, None
+    if row.tuned:
+        if row.key not in tuned:
+            raise _NotAvailable(f"no `{row.key}` in {TUNED_FILE} (run `python -m merging zoo tune`)")
+        params, model_params = tuned[row.key]["parameters"], tuned[row.key].get("model_parameters")
+    config = zoo_config(zoo, row.method, params, model_params, tasks=tasks)
     return evaluate_state(zoo, merged_tensors(config, zoo), tasks, split), config.to_yaml()
 
 
@@ -164,13 +142,19 @@ def emr_scores(zoo: Zoo, tasks: list[str], split: str = SPLIT, method: str = "em
 
 
 def to_markdown(table: dict) -> str:
-    """The table in Markdown: accuracy in %, one column per task, then the average and the normalized accuracy."""
+    """The table in Markdown: accuracy in %, one column per task, then the average, the normalized accuracy and
+    the paper's ViT-B/32 8-task average with its source (a letter, its table listed under the table)."""
     tasks = table["tasks"]
-    head = ["Method", *tasks, "Avg", "Norm.", "Paper avg (ViT-B/32)"]
+    head = ["Method", *tasks, "Avg", "Norm.", "Paper avg (ViT-B/32, 8 tasks)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["--:"] * (len(head) - 1)) + "|"]
+    sources: list[str] = []
     for row in table["rows"]:
         paper = row.get("paper_vit_b32_average")
-        paper_text = f"{paper:.1f}" if paper is not None else ""
+        source = row.get("paper_source")
+        if source and source not in sources:
+            sources.append(source)
+        mark = f" ({chr(ord('a') + sources.index(source))})" if source else ""
+        paper_text = f"{paper:.1f}{mark}" if paper is not None else ""
         if row["accuracy"] is None:
             cells = [row["label"], *(["n/a"] * len(tasks)), "n/a", "n/a", paper_text]
         else:
@@ -179,9 +163,16 @@ def to_markdown(table: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- {r['label']}: {r['status']}" for r in table["rows"] if r["status"] != "ok"]
     text = "\n".join(lines) + "\n"
+    if sources:
+        text += "\nPaper averages: " + "; ".join(f"({chr(ord('a') + i)}) {s}" for i, s in enumerate(sources)) + ".\n"
     if notes:
         text += "\n" + "\n".join(notes) + "\n"
     return text
+
+
+def protocols_markdown(table: dict) -> str:
+    """Each row's protocol, one bullet per row (the README lists them under the table)."""
+    return "".join(f"- **{r['label']}**: {r['protocol']}\n" for r in table["rows"] if r.get("protocol"))
 
 
 def scores_tensor(table: dict) -> torch.Tensor:

@@ -1,0 +1,117 @@
+"""Spectral diagnostics against numpy: effective rank, top-k energy, subspace overlap and the sum's flatness from
+exact SVDs; the streamed randomized SVD within its stated error bound, the same in one unit or in row bands."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from checkpoints import load_folder, save_checkpoint
+
+import merging.bands
+from merging.analysis import analyze, spectral
+from merging.config import parse_config
+
+
+def _family(root, m=60, n=40, models=3, rank=4, noise=0.002, seed=0):
+    """A base and fine-tunes whose one 2-D tensor moves by a rank-``rank`` update plus a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(m, n, generator=g),
+            "model.layers.0.input_layernorm.weight": torch.ones(n)}
+    cfg = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1}
+    save_checkpoint(root / "base", base, cfg)
+    tunes = []
+    for k in range(models):
+        update = torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) * 0.05
+        tuned = {key: v + (update if v.dim() == 2 else 0) + noise * torch.randn(v.shape, generator=g)
+                 for key, v in base.items()}
+        tunes.append(save_checkpoint(root / f"ft{k}", tuned, cfg))
+    return root / "base", tunes, base, [load_folder(t) for t in tunes]
+
+
+def _config(base, tunes):
+    lines = ["merge_method: task_arithmetic", f"base_model: {base}", "models:"] + [f"  - model: {t}" for t in tunes]
+    return parse_config("\n".join(lines) + "\n")
+
+
+def _erank(s):
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+NAME = "model.layers.0.mlp.up_proj.weight"
+
+
+def test_exact_spectra_are_the_formulas(tmp_path):
+    base_dir, tune_dirs, base, tunes = _family(tmp_path)
+    stats = analyze(_config(base_dir, tune_dirs))
+    entry = next(t for t in stats["tensors"] if t["name"] == NAME)["spectral"]
+    assert entry["method"] == "exact" and entry["error_bound"] is None and entry["rank"] == 40
+    taus = [(t[NAME] - base[NAME]).double().numpy() for t in tunes]
+    k = math.ceil(0.05 * 40)
+    bases = []
+    for i, tau in enumerate(taus):
+        u, s, vh = np.linalg.svd(tau, full_matrices=False)
+        bases.append((u[:, :k], vh[:k]))
+        assert entry["effective_rank"][i] == pytest.approx(_erank(s), rel=1e-5)
+        assert entry["energy_top_1"][i] == pytest.approx((s[:1] ** 2).sum() / (s ** 2).sum(), rel=1e-5)
+        assert entry["energy_top_5"][i] == pytest.approx((s[:2] ** 2).sum() / (s ** 2).sum(), rel=1e-5)
+        assert entry["singular_values"][i][:5] == pytest.approx(list(s[:5] / np.sqrt((s ** 2).sum())), rel=1e-5)
+    for i in range(3):
+        for j in range(3):
+            (ui, vi), (uj, vj) = bases[i], bases[j]
+            want = ((ui.T @ uj) ** 2).sum() / (2 * k) + ((vi @ vj.T) ** 2).sum() / (2 * k)
+            assert entry["subspace_overlap"][i][j] == pytest.approx(want, rel=1e-4, abs=1e-7)
+    offdiag = [entry["subspace_overlap"][i][j] for i in range(3) for j in range(3) if i != j]
+    assert entry["interference"] == pytest.approx(sum(offdiag) / 6)
+    s_sum = np.linalg.svd(sum(taus), compute_uv=False)
+    assert entry["sum_flatness"] == pytest.approx(_erank(s_sum) / 40, rel=1e-5)
+    # the norm (1-D) has none; its layer's value is the matrix's; so is the model's
+    assert next(t for t in stats["tensors"] if t["name"] != NAME)["spectral"] is None
+    layer = next(g for g in stats["groups"] if g["name"] == "layer 0")["spectral"]
+    assert layer["interference"] == pytest.approx(entry["interference"]) and layer["tensors"] == 1
+    assert stats["model"]["spectral"]["effective_rank"] == pytest.approx(entry["effective_rank"])
+
+
+@pytest.mark.parametrize("banded", [False, True])
+def test_randomized_svd_is_within_its_bound_and_streams_by_bands(tmp_path, monkeypatch, banded):
+    base_dir, tune_dirs, base, tunes = _family(tmp_path, m=200, n=100)
+    exact = analyze(_config(base_dir, tune_dirs))
+    monkeypatch.setattr(spectral, "EXACT_ELEMENTS", 100)
+    if banded:
+        monkeypatch.setattr(merging.bands, "BAND_ELEMENTS", 2000)
+    approx = analyze(_config(base_dir, tune_dirs), exact=True)
+    e = next(t for t in exact["tensors"] if t["name"] == NAME)["spectral"]
+    a = next(t for t in approx["tensors"] if t["name"] == NAME)["spectral"]
+    assert a["method"] == "randomized" and len(a["error_bound"]) == 3
+    for i, tau in enumerate((t[NAME] - base[NAME]).double().numpy() for t in tunes):
+        s = np.linalg.svd(tau, compute_uv=False)
+        norm = np.sqrt((s ** 2).sum())
+        got = np.array(a["singular_values"][i]) * norm
+        bound = a["error_bound"][i] * norm
+        assert np.all(got <= s[:len(got)] * (1 + 1e-5) + 1e-9) and np.all(s[:len(got)] <= got + bound + 1e-9)
+        assert a["error_bound"][i] < 0.05  # a rank-4 update plus noise: the sketch captures nearly all of it
+        assert a["energy_top_5"][i] == pytest.approx(e["energy_top_5"][i], abs=2 * a["error_bound"][i])
+    assert a["interference"] == pytest.approx(e["interference"], abs=0.05)
+
+
+def test_randomized_passes_give_the_same_result_in_one_unit_or_in_bands(tmp_path, monkeypatch):
+    base_dir, tune_dirs, _, _ = _family(tmp_path, m=200, n=100)
+    monkeypatch.setattr(spectral, "EXACT_ELEMENTS", 100)
+    whole = analyze(_config(base_dir, tune_dirs), exact=True)
+    monkeypatch.setattr(merging.bands, "BAND_ELEMENTS", 2000)
+    banded = analyze(_config(base_dir, tune_dirs), exact=True)
+    w = next(t for t in whole["tensors"] if t["name"] == NAME)["spectral"]
+    b = next(t for t in banded["tensors"] if t["name"] == NAME)["spectral"]
+    np.testing.assert_allclose(b["singular_values"], w["singular_values"], rtol=1e-4, atol=1e-6)
+    assert b["error_bound"] == pytest.approx(w["error_bound"], rel=1e-3, abs=1e-6)
+
+
+def test_sampled_rows_are_labelled(tmp_path):
+    base_dir, tune_dirs, _, _ = _family(tmp_path, m=200, n=100)
+    stats = analyze(_config(base_dir, tune_dirs), sample=0.5, whole_tensor_bytes=0)
+    entry = next(t for t in stats["tensors"] if t["name"] == NAME)["spectral"]
+    assert entry["method"] == "sampled" and entry["error_bound"] is None
