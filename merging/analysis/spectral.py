@@ -87,12 +87,14 @@ def _summary(svds: list[tuple], energies: list[float], rank: int, method: str, b
     return out
 
 
-def exact_spectrum(base: torch.Tensor, models: list[torch.Tensor], sampled: bool = False) -> dict:
+def exact_spectrum(base: torch.Tensor, models: list[torch.Tensor], sampled: bool = False) -> dict | None:
     """The spectral object of a 2-D tensor in hand (float32 inputs), by exact SVDs."""
     taus = [m - base for m in models]
     matrices = [*taus, sum(taus)]
-    svds = [torch.linalg.svd(a, full_matrices=False) for a in matrices]
     energies = [float(a.double().square().sum()) for a in matrices]
+    if not all(math.isfinite(e) for e in energies):  # NaN/Inf inputs (said in the notes): no spectrum, no SVD
+        return None
+    svds = [torch.linalg.svd(a, full_matrices=False) for a in matrices]
     return _summary(svds, energies, min(base.shape), "sampled" if sampled else "exact", None)
 
 
@@ -140,6 +142,9 @@ def randomized_passes() -> tuple[StatsPass, ...]:
 
     def decompose(combined, params, ctx):
         stats = dict(ctx.stats)
+        if not bool(torch.isfinite(stats["energy"]).all()):  # NaN/Inf inputs (said in the notes): no SVD
+            stats["svds"] = None
+            return stats
         svds = []
         for i in range(len([k for k in combined if k.startswith("b")])):
             u, s, vh = torch.linalg.svd(combined[f"b{i}"], full_matrices=False)
@@ -157,8 +162,10 @@ def randomized_passes() -> tuple[StatsPass, ...]:
 RANDOMIZED_PASSES = randomized_passes()
 
 
-def randomized_spectrum(found: dict, rank: int, sampled: bool) -> dict:
+def randomized_spectrum(found: dict, rank: int, sampled: bool) -> dict | None:
     """The spectral object from the randomized passes' result (``found``: their ``ctx.stats``)."""
+    if found.get("svds") is None:
+        return None
     energies = [float(e) for e in found["energy"]]
     svds = [(u, s, vh) for u, s, vh, _ in found["svds"]]
     captured = [c for _, _, _, c in found["svds"]]
