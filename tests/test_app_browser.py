@@ -95,7 +95,7 @@ def test_new_user_analyzes_merges_downloads_and_pushes(app_page, served, tmp_pat
     if os.environ.get("MERGESCOPE_SCREENSHOT"):  # the README's picture: the first screen after Analyze
         page.screenshot(path=os.environ["MERGESCOPE_SCREENSHOT"], clip={"x": 0, "y": 0, "width": 1400, "height": 1150})
 
-    served.settings.tensor_delay_s = 0.04
+    served.settings.tensor_delay_s = 0.1  # 55 tensors: ~5 s, so a loaded machine's slow polls still see it move
     try:
         page.click("#merge-button")
         seen: list[tuple[int, int]] = []
