@@ -51,7 +51,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     html_path = _writable(args.html, "--html") if args.html else None
     config = load_config(args.config)
     stats = analyze(config, exact=args.exact, sample=args.sample, seed=args.seed, device=args.device,
-                    allow_pickle=args.allow_pickle, resolver=_resolver(args), time_budget=args.time_budget)
+                    allow_pickle=args.allow_pickle, resolver=_resolver(args), time_budget=args.time_budget,
+                    **({} if args.spectral_elements is None else {"spectral_elements": args.spectral_elements}))
     written = []
     if json_path is not None:
         tmp = json_path.with_name(json_path.name + ".tmp")
@@ -92,6 +93,9 @@ def add_commands(subparsers) -> None:
                       help="read this fraction of each tensor's rows (default 0.05 above 2 GB of input)")
     p.add_argument("--seed", type=int, default=0, help="seed of the row sample (default 0)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--spectral-elements", type=int, default=None, metavar="N",
+                   help="elements of large matrices given randomized SVDs in an exact pass (default 2^26; the rest: "
+                        "every k-th)")
     budget.add_flag(p)
     p.add_argument("--allow-pickle", action="store_true",
                    help="load PyTorch pickles with torch.load(weights_only=True)")

@@ -33,7 +33,7 @@ from .reader import (
     tensor_rows,
 )
 from .schema import SCHEMA_VERSION
-from .spectral import attach, tensor_spectrum
+from .spectral import SPECTRAL_ELEMENTS, attach, spectral_choice, tensor_spectrum
 from .sums import TensorSums, tensor_sums
 from .trim import DEFAULT_TRIM_DENSITY, Trim, tensor_cuts, trim_densities, trims_by_config
 
@@ -53,6 +53,7 @@ class Request:
     cancel: Callable[[], bool] | None = None
     sample_threshold_bytes: int = SAMPLE_THRESHOLD_BYTES
     whole_tensor_bytes: int = WHOLE_TENSOR_BYTES
+    spectral_elements: int = SPECTRAL_ELEMENTS
 
     def fraction(self, bytes_total: int) -> float:
         """The fraction of rows read: 1 for an exact pass."""
@@ -66,7 +67,8 @@ class Request:
 def analyze(config: MergeConfig, *, exact: bool = False, sample: float | None = None, seed: int = 0,
             device: str = "cpu", progress: Callable | None = None, cancel: Callable[[], bool] | None = None,
             resolver=None, allow_pickle: bool = False, sample_threshold_bytes: int = SAMPLE_THRESHOLD_BYTES,
-            whole_tensor_bytes: int = WHOLE_TENSOR_BYTES, time_budget: float | None = None) -> dict[str, Any]:
+            whole_tensor_bytes: int = WHOLE_TENSOR_BYTES, time_budget: float | None = None,
+            spectral_elements: int = SPECTRAL_ELEMENTS) -> dict[str, Any]:
     """The diagnostics of ``config`` as a JSON-ready dict (schema: ``JSON_SCHEMA_DOC``).
 
     ``exact`` forces a full pass; ``sample`` (0 < fraction ≤ 1) samples that fraction of rows; neither: exact up to
@@ -79,7 +81,8 @@ def analyze(config: MergeConfig, *, exact: bool = False, sample: float | None = 
     if sample is not None and not 0 < sample <= 1:
         raise ConfigError(f"analysis: the sample fraction must be in (0, 1], got {sample}")
     cancel = with_budget(cancel, time_budget, "the analysis")
-    request = Request(exact, sample, seed, device, progress, cancel, sample_threshold_bytes, whole_tensor_bytes)
+    request = Request(exact, sample, seed, device, progress, cancel, sample_threshold_bytes, whole_tensor_bytes,
+                      spectral_elements)
     started = time.monotonic()
     reuse_freed_memory()  # as a merge does: keep freed chunk buffers instead of re-mapping them every tensor
     sources = open_sources(config.model_refs(), config.base_model, allow_pickle=allow_pickle, resolver=resolver)
@@ -105,12 +108,15 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], request:
     model_statistics(executor)  # e.g. TIES' global top-k threshold (`topk_scope: model`), before anything else
     passes = 2 if _needs_reduction(executor) else 1
     nonfinite = NonFinite(False, plan.method.name)
+    chosen, spectral_note = spectral_choice(tasks, request.spectral_elements) if fraction == 1 else (None, None)
+    if spectral_note:
+        notes.append(spectral_note)
     nonfinite.count_inputs = True  # a statistic over a NaN input is NaN or silently short: always say so
     # the method's merge and the sums in the fused kernels: torch's own ops on one thread (native.own_cores)
     fused = executor.device.type == "cpu" and plan.method.native is not None
     with native.own_cores(fused and native.library() is not None):
         reduced = _reduction(executor, tasks) if passes == 2 else None
-        per_tensor, several_outputs, spectra = _sum_tensors(executor, tasks, reduced, nonfinite)
+        per_tensor, several_outputs, spectra = _sum_tensors(executor, tasks, reduced, nonfinite, chosen)
     notes[:0] = [f"{n}: the statistics of that model are not meaningful there" for n in nonfinite.notes()]
     bytes_read = _bytes_read(sources) - read_before
     if several_outputs:
@@ -181,7 +187,8 @@ def _reduction(executor: AnalysisExecutor, tasks: list[TensorTask]) -> torch.Ten
 
 
 def _sum_tensors(executor: AnalysisExecutor, tasks: list[TensorTask], reduced: torch.Tensor | None,
-                 nonfinite: NonFinite) -> tuple[list[tuple[TensorTask, TensorSums]], bool, dict[str, dict | None]]:
+                 nonfinite: NonFinite, chosen: set[str] | None = None
+                 ) -> tuple[list[tuple[TensorTask, TensorSums]], bool, dict[str, dict | None]]:
     """Every tensor's sums, unit by unit as the engine streams them, band by band like a merge (whole-tensor
     quantities, the trim's and the method's top-k cuts, a randomized SVD's sketches, come from the statistics
     passes first, so a banded tensor is never held whole); whether the method wrote several tensors per input (then
@@ -199,7 +206,7 @@ def _sum_tensors(executor: AnalysisExecutor, tasks: list[TensorTask], reduced: t
             densities = trim_densities(method, task.params, len(inputs))
             cuts = tensor_cuts(executor, task, reduced, densities, stats, first)
             spectra[task.name] = tensor_spectrum(executor, task, reduced, band, base, inputs,
-                                                 executor.plan.config.seed)
+                                                 executor.plan.config.seed, chosen)
         nonfinite.check_inputs(task, base, inputs)
         ctx = executor.context(task, band, reduced, stats)
         sums, several = _unit_sums(executor, task, band, base, inputs, ctx, Trim(cuts, ctx))

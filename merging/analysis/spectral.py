@@ -30,8 +30,13 @@ import torch
 
 from ..methods.registry import StatsPass
 from ..native.rng import stable_seed
+from ..plan import layer_index
 
 EXACT_ELEMENTS = 1 << 20
+# The randomized SVDs cost four passes of (N + 1) thin matmuls over a tensor: on a 0.54 B model about 1 TFLOP, ten
+# times its merge. Above this many elements of such tensors, only the blocks' matrices are taken, every k-th
+# (spread over the layers), so the analysis stays near a merge's cost; ``--spectral-elements`` moves the budget.
+SPECTRAL_ELEMENTS = 1 << 25
 TOP_FRACTIONS = (("energy_top_1", 0.01), ("energy_top_5", 0.05))
 OVERLAP_FRACTION = 0.05
 OVERSAMPLE = 10
@@ -173,7 +178,24 @@ def randomized_spectrum(found: dict, rank: int, sampled: bool) -> dict | None:
     return _summary(svds, energies, rank, "sampled" if sampled else "randomized", None if sampled else bounds)
 
 
-def tensor_spectrum(executor, task, reduced, band, base, inputs, seed: int) -> dict | None:
+def spectral_choice(tasks, budget: int = SPECTRAL_ELEMENTS) -> tuple[set[str] | None, str | None]:
+    """The tensors above ``EXACT_ELEMENTS`` whose spectrum is computed (None: all of them), and a note when some are
+    left out: every k-th block matrix in plan order, k the smallest that keeps their elements within ``budget``."""
+    large = [t for t in tasks if len(t.spec.shape) == 2 and min(t.spec.shape) >= 2 and t.spec.numel > EXACT_ELEMENTS]
+    total = sum(t.spec.numel for t in large)
+    if total <= budget:
+        return None, None
+    blocks = [t for t in large if layer_index(t.name) is not None]  # not the vocabulary's embeddings and head
+    step = math.ceil(sum(t.spec.numel for t in blocks) / max(budget, 1))
+    chosen = {t.name for t in blocks[::step]}
+    note = (f"spectral diagnostics: randomized SVDs of {len(chosen)} of the {len(large)} matrices above "
+            f"{EXACT_ELEMENTS:,} elements (every {step}th block matrix, within {budget:,} elements; "
+            "--spectral-elements raises it); the per-layer and model figures are over those")
+    return chosen, note
+
+
+def tensor_spectrum(executor, task, reduced, band, base, inputs, seed: int,
+                    chosen: set[str] | None = None) -> dict | None:
     """A tensor's spectral object, or None when it is not a matrix: exact SVDs when it is in hand whole and small,
     else the randomized passes over its bands (``executor.tensor_stats``; ``band, (base, inputs)``: the unit in
     hand, not read again)."""
@@ -184,6 +206,8 @@ def tensor_spectrum(executor, task, reduced, band, base, inputs, seed: int) -> d
     if band is None and math.prod(shape) <= EXACT_ELEMENTS:
         b, ms = executor.inputs(task, base, inputs)
         return exact_spectrum(b, ms, sampled)
+    if chosen is not None and task.name not in chosen:  # over the budget of randomized SVDs
+        return None
     found = executor.tensor_stats(task, reduced, passes=RANDOMIZED_PASSES, params={"seed": seed},
                                   first=(band, (base, inputs)))
     return randomized_spectrum(found, min(shape), sampled)
