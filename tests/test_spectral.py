@@ -115,3 +115,21 @@ def test_sampled_rows_are_labelled(tmp_path):
     stats = analyze(_config(base_dir, tune_dirs), sample=0.5, whole_tensor_bytes=0)
     entry = next(t for t in stats["tensors"] if t["name"] == NAME)["spectral"]
     assert entry["method"] == "sampled" and entry["error_bound"] is None
+
+
+def test_an_exact_pass_gives_randomized_svds_to_every_kth_block_matrix_within_its_budget():
+    from types import SimpleNamespace
+
+    from merging.analysis.spectral import EXACT_ELEMENTS, spectral_choice
+
+    def task(name, rows, cols):
+        return SimpleNamespace(name=name, spec=SimpleNamespace(shape=(rows, cols), numel=rows * cols))
+
+    big = 2 * EXACT_ELEMENTS
+    tasks = [task("model.embed_tokens.weight", 32000, 2048)] + [
+        task(f"model.layers.{i}.mlp.up_proj.weight", 2, big // 2) for i in range(12)] + [
+        task("model.layers.0.input_layernorm.weight", 1, 8), task("model.layers.0.self_attn.q_proj.weight", 8, 8)]
+    assert spectral_choice(tasks, budget=10**12) == (None, None)  # within the budget: every matrix
+    chosen, note = spectral_choice(tasks, budget=3 * big)
+    assert chosen == {f"model.layers.{i}.mlp.up_proj.weight" for i in (0, 4, 8)}  # every 4th block matrix
+    assert "3 of the 13 matrices" in note and "every 4th" in note
