@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import statistics
 from typing import Any
 
 import yaml
+
+from .architectures import ONE_ARCHITECTURE
 
 THRESHOLDS = {  # the sweeps of scripts/calibrate_advice.py, quoted in the README
     "big_step": 0.04,  # median block ‖τ_i‖/‖θ_base‖; zoo: TIES above averaging at 3.15 %, below at 5.25 %
@@ -291,10 +292,6 @@ def _outlier_groups(v: _View) -> dict | None:
     return _finding("outlier_group", text, ratio, "warn")
 
 
-# notes that only describe (every input the same architecture) are not findings
-_NOT_A_WARNING = re.compile(r"architectures: all \d+ models are ")
-
-
 def _spectral(v: _View) -> dict | None:
     if v.overlap is None or v.n < 2:
         return None
@@ -312,7 +309,7 @@ def _spectral(v: _View) -> dict | None:
 def _warnings(stats: dict, report: dict | None) -> list[dict]:
     notes = list((stats.get("meta") or {}).get("notes") or [])
     notes += [n for n in (report or {}).get("notes") or [] if n not in notes]
-    notes = [n for n in notes if not _NOT_A_WARNING.match(n)]
+    notes = [n for n in notes if not n.startswith(ONE_ARCHITECTURE)]  # describes, warns of nothing
     out = [_finding("note", f"Note: {n}", None, "warn") for n in notes][:2]
     names = {t.get("name") for t in stats.get("tensors") or []}
     if any("embed_tokens" in n for n in names) and not any(n and "lm_head" in n for n in names):

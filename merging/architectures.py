@@ -141,6 +141,10 @@ def family(config: dict | None) -> str | None:
     return model_type if isinstance(model_type, str) else None
 
 
+# the note's start when every input has one architecture: a description, not a warning (the advice leaves it out)
+ONE_ARCHITECTURE = "architectures: all "
+
+
 def describe_family(config: dict | None) -> str:
     """``LlamaForCausalLM (llama)``, or ``unknown (no config.json)``."""
     if not isinstance(config, dict):

@@ -32,14 +32,23 @@ FINITE_ONLY = frozenset({"tsv_m", "iso_c", "iso_cts", "cart", "pcb"})
 
 def require_finite(method: str, task, base: torch.Tensor | None, models: list[torch.Tensor]) -> None:
     """For a ``FINITE_ONLY`` method: refuse the first input of this unit holding NaN/Inf, naming model and tensor."""
-    if method not in FINITE_ONLY:
-        return
+    if method in FINITE_ONLY:
+        for ref, bad in _nonfinite_inputs(task, base, models):
+            _refuse_input(method, ref, task, bad)
+
+
+def _nonfinite_inputs(task, base: torch.Tensor | None, models: list[torch.Tensor]):
+    """(input ref, NaN/Inf count) for each input of the unit that has any (``task``: a merging.tasks.TensorTask)."""
     pairs = ([(task.base, base)] if task.base is not None and base is not None else []) + list(zip(task.inputs, models))
     for ref, tensor in pairs:
         bad = count(tensor)
         if bad:
-            raise MergeError(f"input {ref.model}: tensor {task.name} holds {bad} NaN/Inf values; {method} needs "
-                             "finite inputs (find them with `python -m merging inspect`)")
+            yield ref, bad
+
+
+def _refuse_input(method: str, ref, task, bad: int) -> None:
+    raise MergeError(f"input {ref.model}: tensor {task.name} holds {bad} NaN/Inf values; {method} needs "
+                     "finite inputs (find them with `python -m merging inspect`)")
 
 
 def count(tensor: torch.Tensor) -> int:
@@ -64,16 +73,13 @@ class NonFinite:
     def check_inputs(self, task, base: torch.Tensor | None, models: list[torch.Tensor]) -> None:
         """Count the unit's inputs (``task``: a merging.tasks.TensorTask, ``base`` and ``models`` as read), unless
         the method carries every NaN into its output."""
-        require_finite(self.method, task, base, models)
         if not self.count_inputs:
             return
-        pairs = ([(task.base, base)] if task.base is not None and base is not None else []) + list(
-            zip(task.inputs, models))
-        for ref, tensor in pairs:
-            bad = count(tensor)
-            if bad:
-                per_tensor = self.inputs.setdefault(ref.model, {})
-                per_tensor[task.name] = per_tensor.get(task.name, 0) + bad
+        for ref, bad in _nonfinite_inputs(task, base, models):  # counted once, refused or recorded
+            if self.method in FINITE_ONLY:
+                _refuse_input(self.method, ref, task, bad)
+            per_tensor = self.inputs.setdefault(ref.model, {})
+            per_tensor[task.name] = per_tensor.get(task.name, 0) + bad
 
     def check_merged(self, tensor: torch.Tensor, name: str, bad: int | None = None) -> None:
         """Count a merged unit (``bad``: the count when a kernel already took it); stop at the first when refusing."""

@@ -15,7 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import slices, tokenizers
-from .architectures import Layers, describe_family, family, layer_position, tied_partner, with_layer_position
+from .architectures import (
+    ONE_ARCHITECTURE,
+    Layers,
+    describe_family,
+    family,
+    layer_position,
+    tied_partner,
+    with_layer_position,
+)
 from .config import MergeConfig, Module, ignored_notes, input_entries, parts
 from .errors import CompatibilityError, ConfigError
 from .methods.registry import MergeMethod, get_method
@@ -172,7 +180,7 @@ def _check_families(planner: Planner) -> None:
         if family(cfg) is not None:
             seen.setdefault(family(cfg), ref)
     if len(described) > 1 and len(set(described.values())) == 1:  # one line, not the same words once a model
-        planner.report.notes.append(f"architectures: all {len(described)} models are {next(iter(described.values()))}")
+        planner.report.notes.append(f"{ONE_ARCHITECTURE}{len(described)} models are {next(iter(described.values()))}")
     else:
         planner.report.notes.append("architectures: " + "; ".join(f"`{r}`: {d}" for r, d in described.items()))
     if len(seen) > 1:

@@ -19,7 +19,6 @@ Tokenizers are read from ``tokenizer.json`` (the fast-tokenizer file every trans
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +29,7 @@ from .errors import ConfigError, SourceError
 from .limits import MAX_VOCAB
 from .safetensors_io import DTYPES
 from .sources import CheckpointSource, TensorSpec, open_source, read_json_file
-from .sources.base import frozen_specs
+from .sources.base import SourceView, frozen_specs
 
 _VOCAB_MODULES = ("embed_tokens", "wte", "word_embeddings", "lm_head", "embed_in", "embed_out", "shared",
                   "predictions.decoder")
@@ -279,12 +278,12 @@ class _Rows:
         return table[row]
 
 
-class PermutedVocab(CheckpointSource):
+class PermutedVocab(SourceView):
     """A model whose embedding and output head are seen in the output vocabulary (rows permuted and filled)."""
 
     def __init__(self, source: CheckpointSource, ref: str, rows: _Rows) -> None:
-        self.label = source.label
-        self._src, self._ref, self._rows = source, ref, rows
+        super().__init__(source)
+        self._ref, self._rows = ref, rows
         vocab_rows = rows.vocabs[ref].rows
         specs = {}
         self._vocab_names = set()
@@ -296,9 +295,6 @@ class PermutedVocab(CheckpointSource):
             specs[name] = spec
         self._specs = frozen_specs(specs)
         self._cache: tuple[str, torch.Tensor] | None = None
-
-    def specs(self) -> Mapping[str, TensorSpec]:
-        return self._specs
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         if name not in self._vocab_names:
@@ -325,17 +321,3 @@ class PermutedVocab(CheckpointSource):
             out[n:] = out[:n].mean(dim=0)
         return out.to(DTYPES[self._specs[name].dtype])
 
-    def file_names(self) -> list[str]:
-        return self._src.file_names()
-
-    def read_file(self, filename: str) -> bytes | None:
-        return self._src.read_file(filename)
-
-    def bytes_read(self) -> int:
-        return self._src.bytes_read()
-
-    def notes(self) -> list[str]:
-        return self._src.notes()
-
-    def close(self) -> None:
-        self._src.close()

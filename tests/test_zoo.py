@@ -29,6 +29,20 @@ def zoo() -> Zoo:
     return Zoo()
 
 
+@pytest.fixture
+def splits_read(monkeypatch) -> list[str]:
+    """The split of every ``Zoo.data`` call the test makes, in order."""
+    seen: list[str] = []
+    original = Zoo.data
+
+    def spy(self, task, split):
+        seen.append(split)
+        return original(self, task, split)
+
+    monkeypatch.setattr(Zoo, "data", spy)
+    return seen
+
+
 def test_splits_are_disjoint_and_cover_the_data():
     parts = split_indices(0)
     together = np.concatenate(list(parts.values()))
@@ -145,22 +159,16 @@ def test_rebasin_and_repair_lower_the_barrier_between_independent_mlps(zoo):
 
 
 @needs_zoo
-def test_evolutionary_search_improves_validation_accuracy_without_reading_test(zoo, tmp_path, monkeypatch):
+def test_evolutionary_search_improves_validation_accuracy_without_reading_test(zoo, tmp_path, monkeypatch,
+                                                                            splits_read):
     from merging.zoo import evolve as ev
 
-    seen = []
-    original = Zoo.data
-
-    def spy(self, task, split):
-        seen.append(split)
-        return original(self, task, split)
-
-    monkeypatch.setattr(Zoo, "data", spy)
+    seen = splits_read
     result = ev.evolve(zoo, budget=9, popsize=4, seed=0)
     assert result.evaluations == 9
     assert result.best_score > result.start_score
     assert set(seen) == {"val"}
-    monkeypatch.setattr(Zoo, "data", original)
+    monkeypatch.undo()  # the rerun below may read any split
 
     # The saved YAML is an ordinary config: the CLI reruns it and gets the same validation score.
     path = ev.save_config(result.config, tmp_path / "evolved.yml", zoo)
@@ -176,7 +184,7 @@ def _without_timings(table: dict) -> dict:
 
 @needs_zoo
 def test_table_command_runs_on_the_committed_zoo_and_equals_the_committed_table(tmp_path, capsys):
-    """One run of `zoo table` (about 15 s): every row merges, each paper number has its source, and the committed
+    """One run of `zoo table`: every row merges, each paper number has its source, and the committed
     table.json, table.md and both READMEs' tables are what it computes."""
     from merging.zoo.rows import PAPER_VIT_B32
     from merging.zoo.table import protocols_markdown
@@ -209,17 +217,10 @@ def test_table_command_runs_on_the_committed_zoo_and_equals_the_committed_table(
 
 
 @needs_zoo
-def test_tuning_reads_only_the_validation_split(zoo, monkeypatch):
+def test_tuning_reads_only_the_validation_split(zoo, splits_read):
     from merging.zoo import tune
 
-    seen = []
-    original = Zoo.data
-
-    def spy(self, task, split):
-        seen.append(split)
-        return original(self, task, split)
-
-    monkeypatch.setattr(Zoo, "data", spy)
+    seen = splits_read
     searches = {"iso_c": ("iso_c", {}, {"lambda": (0.2, 1.0)}), "consensus": ("consensus", {"k": 2}, {"lambda": (0.2,)})}
     found = tune.tune(zoo, searches=searches)
     assert set(seen) == {"val"}

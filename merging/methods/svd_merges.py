@@ -120,30 +120,34 @@ def cart(base: torch.Tensor, models: list[torch.Tensor], params: dict, ctx: Tens
 ALPHA = Param("lambda", float, 1.0, "α: scales the merged task vector before it is added to the base")
 SVD_NOTE = "per 2-D tensor with exact SVDs (on the GPU when there is one)"
 
-register(MergeMethod(
-    name="tsv_m", fn=tsv_m,
+
+def register_reduced(name: str, fn, **declared) -> None:
+    """Register an SVD-based task-vector method (TSV-M, Iso-C, Iso-CTS): a base and at least one fine-tune, and the
+    LiNeS/NAN plug-ins' whole-model reduction over ``fn`` (``merging.methods.lines``)."""
+    register(MergeMethod(name=name, fn=fn, base="required", min_models=1, reduce=make_reduce(fn),
+                         reduce_needed=needs_reduction, reduce_stats=reduce_stats, **declared))
+
+
+register_reduced(
+    "tsv_m", tsv_m,
     summary="keep each task's top 1/N singular vectors per matrix, decorrelate them (Procrustes), add the result",
     paper="Gargiulo et al. 2025, Task Singular Vectors: Reducing Task Interference in Model Merging (CVPR, "
           "arXiv:2412.00081)",
     params=(ALPHA, *LINES_PARAMS),
     presets=(Preset("paper", "α = 1 (Gargiulo et al.: the official code's default)", {"lambda": 1.0}),),
-    base="required", min_models=1, reduce=make_reduce(tsv_m), reduce_needed=needs_reduction,
-    reduce_stats=reduce_stats,
-))
+)
 
-register(MergeMethod(
-    name="iso_c", fn=iso_c,
+register_reduced(
+    "iso_c", iso_c,
     summary="task arithmetic's sum with its singular spectrum flattened to the mean (isotropic), per matrix",
     paper="Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
           "Subspaces (ICML, arXiv:2502.04959)",
     params=(ALPHA, *LINES_PARAMS),
     presets=(Preset("paper", "α = 1 (the official config; the paper picks α on validation)", {"lambda": 1.0}),),
-    base="required", min_models=1, reduce=make_reduce(iso_c), reduce_needed=needs_reduction,
-    reduce_stats=reduce_stats,
-))
+)
 
-register(MergeMethod(
-    name="iso_cts", fn=iso_cts,
+register_reduced(
+    "iso_cts", iso_cts,
     summary="Iso-C on the sum's top subspace plus each task's own directions off it, orthogonalized, flat spectrum",
     paper="Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
           "Subspaces (ICML, arXiv:2502.04959)",
@@ -151,9 +155,7 @@ register(MergeMethod(
                          min=0.0, max=1.0), *LINES_PARAMS),
     presets=(Preset("paper", "common subspace 80 %, α = 1 (Marczak et al.; α picked on validation there)",
                     {"common_fraction": 0.8, "lambda": 1.0}),),
-    base="required", min_models=1, reduce=make_reduce(iso_cts), reduce_needed=needs_reduction,
-    reduce_stats=reduce_stats,
-))
+)
 
 register(MergeMethod(
     name="cart", fn=cart,

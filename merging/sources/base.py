@@ -94,3 +94,30 @@ class CheckpointSource(ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+class SourceView(CheckpointSource):
+    """Another checkpoint's tensors seen differently (renamed, fused, re-indexed): subclasses set ``_specs`` and
+    ``read``; side files, counters, notes and closing are the wrapped source's."""
+
+    def __init__(self, source: CheckpointSource) -> None:
+        self.label = source.label
+        self._src = source
+
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._specs
+
+    def file_names(self) -> list[str]:
+        return self._src.file_names()
+
+    def read_file(self, filename: str) -> bytes | None:
+        return self._src.read_file(filename)
+
+    def bytes_read(self) -> int:
+        return self._src.bytes_read()
+
+    def notes(self) -> list[str]:
+        return self._src.notes()
+
+    def close(self) -> None:
+        self._src.close()

@@ -11,18 +11,15 @@ what transformers 5 loads. A row of a fused tensor is one expert.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 
 from ..architectures import fused_expert_groups
-from .base import CheckpointSource, TensorSpec, frozen_specs
+from .base import CheckpointSource, SourceView, TensorSpec, frozen_specs
 
 
-class FusedExperts(CheckpointSource):
+class FusedExperts(SourceView):
     def __init__(self, source: CheckpointSource, groups: dict[str, list[list[str]]], renames: dict[str, str]) -> None:
-        self.label = source.label
-        self._src = source
+        super().__init__(source)
         self._groups = groups
         self._renames = renames
         inner = source.specs()
@@ -39,9 +36,6 @@ class FusedExperts(CheckpointSource):
                 specs[fused] = TensorSpec(first[0].dtype, (len(groups[fused]), rows, *first[0].shape[1:]))
         self._specs = frozen_specs(specs)
 
-    def specs(self) -> Mapping[str, TensorSpec]:
-        return self._specs
-
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         experts = self._groups.get(name)
         if experts is None:
@@ -52,22 +46,10 @@ class FusedExperts(CheckpointSource):
             return self._src.read(experts[0][0], (0, 0)).reshape(0, *spec.shape[1:])
         return torch.stack([torch.cat([self._src.read(p) for p in experts[e]]) for e in range(lo, hi)])
 
-    def file_names(self) -> list[str]:
-        return self._src.file_names()
-
-    def read_file(self, filename: str) -> bytes | None:
-        return self._src.read_file(filename)
-
-    def bytes_read(self) -> int:
-        return self._src.bytes_read()
-
     def notes(self) -> list[str]:
         return [f"{self.label}: per-expert weights read fused ({len(self._groups)} tensors such as "
                 f"{next(iter(self._groups))}), as transformers 5 loads them and mergekit merges them",
                 *self._src.notes()]
-
-    def close(self) -> None:
-        self._src.close()
 
     def __getattr__(self, item):  # Hub sources' extras (network_bytes, weight_files, ...) pass through
         src = self.__dict__.get("_src")
