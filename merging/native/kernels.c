@@ -137,7 +137,10 @@ static void weigh_cut(int len, const float *restrict t, float ta, int ties_a, fl
 
 static void weigh_drawn(int len, const float *restrict t, const uint32_t *restrict r, uint32_t limit, float s,
                         float w, float *restrict d) {
-    for (int k = 0; k < len; k++) d[k] = r[k] < limit ? (t[k] * s) * w : 0.0f;
+    for (int k = 0; k < len; k++) {
+        float kept = (t[k] * s) * w;  /* read unconditionally: a conditional read vectorizes as a slow masked load */
+        d[k] = r[k] < limit ? kept : 0.0f;
+    }
 }
 
 static void accumulate(int len, const float *restrict x, float *restrict acc) {

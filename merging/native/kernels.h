@@ -154,17 +154,21 @@ static int ties_in_block(int64_t tie_end, int64_t i0, int len) {
 static void elect_unified(int len, int m, float (*t)[BLOCK], float *restrict sign, float *restrict mag,
                           float *restrict tau) {
     for (int k = 0; k < len; k++) sign[k] = 0.0f;
-    for (int i = 0; i < m; i++)
-        for (int k = 0; k < len; k++) sign[k] += t[i][k];
+    for (int i = 0; i < m; i++) {
+        const float *restrict ti = t[i];  /* a plain pointer: GCC does not vectorize t[i][k] */
+        for (int k = 0; k < len; k++) sign[k] += ti[k];
+    }
     for (int k = 0; k < len; k++) {
         sign[k] = sign[k] > 0.0f ? 1.0f : -1.0f;
         mag[k] = 0.0f;
     }
-    for (int i = 0; i < m; i++)
+    for (int i = 0; i < m; i++) {
+        const float *restrict ti = t[i];
         for (int k = 0; k < len; k++) {
-            float a = t[i][k] < 0 ? -t[i][k] : t[i][k];
-            mag[k] = t[i][k] * sign[k] > 0.0f && a > mag[k] ? a : mag[k];
+            float a = ti[k] < 0 ? -ti[k] : ti[k];
+            mag[k] = ti[k] * sign[k] > 0.0f && a > mag[k] ? a : mag[k];
         }
+    }
     for (int k = 0; k < len; k++) tau[k] = sign[k] * mag[k];
 }
 

@@ -68,6 +68,7 @@ void ms_row_sums(const ms_row_sums_args *a, int64_t begin, int64_t end) {
     const int m = a->m, base_dt = a->base_dt, emr = a->emr, merged_dt = a->merged_dt, uni_dt = a->uni_dt;
     float b[BLOCK], v[BLOCK], t[MAX_INPUTS][BLOCK], kept[MAX_INPUTS][BLOCK], s1[BLOCK], s2[BLOCK], s3[BLOCK],
           u[BLOCK];
+    int32_t pos[BLOCK], neg[BLOCK];
     int64_t at[RS_FIELDS + 1];
     if (m > MAX_INPUTS) return;
     const int64_t k_out = ms_row_sums_layout(m, at);
@@ -82,7 +83,10 @@ void ms_row_sums(const ms_row_sums_args *a, int64_t begin, int64_t end) {
 #pragma omp simd reduction(+ : bsq)
             for (int k = 0; k < len; k++) bsq += b[k] * b[k];
             row[at[RS_base_sq]] += bsq;
-            for (int k = 0; k < len; k++) s1[k] = s2[k] = s3[k] = 0.0f;
+            for (int k = 0; k < len; k++) {
+                pos[k] = neg[k] = 0;
+                s1[k] = s3[k] = 0.0f;
+            }
             for (int i = 0; i < m; i++) {  /* norms, |t|, and the sign-conflict flags (some +, some -, # non-zero) */
                 float wsq = 0.0f, ab = 0.0f, *restrict ti = t[i];
                 to_f32(x[i], dt[i], i0, len, v);
@@ -92,8 +96,8 @@ void ms_row_sums(const ms_row_sums_args *a, int64_t begin, int64_t end) {
                     wsq += v[k] * v[k];
                     ti[k] = d;
                     ab += d < 0 ? -d : d;
-                    s1[k] = d > 0.0f ? 1.0f : s1[k];
-                    s2[k] = d < 0.0f ? 1.0f : s2[k];
+                    pos[k] += d > 0.0f;  /* int counts: as float flags the compiler made them masked stores */
+                    neg[k] += d < 0.0f;
                     s3[k] += d != 0.0f;
                 }
                 row[at[RS_weight_sq] + i] += wsq;
@@ -112,7 +116,7 @@ void ms_row_sums(const ms_row_sums_args *a, int64_t begin, int64_t end) {
                 float both = 0.0f, eligible = 0.0f;
 #pragma omp simd reduction(+ : both, eligible)
                 for (int k = 0; k < len; k++) {
-                    both += s1[k] * s2[k];
+                    both += (float)((pos[k] > 0) & (neg[k] > 0));
                     eligible += s3[k] >= 2.0f ? 1.0f : 0.0f;
                     s1[k] = 0.0f;
                 }
