@@ -15,18 +15,19 @@ from merging.analysis import analyze, spectral
 from merging.config import parse_config
 
 
-def _family(root, m=60, n=40, models=3, rank=4, noise=0.002, seed=0):
+def _family(root, m=60, n=40, models=3, rank=4, noise=0.002, seed=0, dtype=torch.float32):
     """A base and fine-tunes whose one 2-D tensor moves by a rank-``rank`` update plus a little noise."""
     g = torch.Generator().manual_seed(seed)
     base = {"model.layers.0.mlp.up_proj.weight": torch.randn(m, n, generator=g),
             "model.layers.0.input_layernorm.weight": torch.ones(n)}
     cfg = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1}
+    base = {key: v.to(dtype) for key, v in base.items()}
     save_checkpoint(root / "base", base, cfg)
     tunes = []
     for k in range(models):
         update = torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) * 0.05
-        tuned = {key: v + (update if v.dim() == 2 else 0) + noise * torch.randn(v.shape, generator=g)
-                 for key, v in base.items()}
+        tuned = {key: (v.float() + (update if v.dim() == 2 else 0) + noise * torch.randn(v.shape, generator=g)
+                       ).to(dtype) for key, v in base.items()}
         tunes.append(save_checkpoint(root / f"ft{k}", tuned, cfg))
     return root / "base", tunes, base, [load_folder(t) for t in tunes]
 
@@ -133,3 +134,21 @@ def test_an_exact_pass_gives_randomized_svds_to_every_kth_block_matrix_within_it
     chosen, note = spectral_choice(tasks, budget=3 * big)
     assert chosen == {f"model.layers.{i}.mlp.up_proj.weight" for i in (0, 4, 8)}  # every 4th block matrix
     assert "3 of the 13 matrices" in note and "every 4th" in note
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_kernels_give_the_randomized_passes_the_task_matrices_torch_computes(tmp_path, monkeypatch, dtype):
+    """The passes' task matrices come from the fused kernels on the stored inputs, or from torch on float32 copies
+    (MERGESCOPE_NATIVE=0): the same values, so the same spectra."""
+    base_dir, tune_dirs, _, _ = _family(tmp_path, m=200, n=100, dtype=dtype)
+    monkeypatch.setattr(spectral, "EXACT_ELEMENTS", 100)
+    monkeypatch.setattr(merging.bands, "BAND_ELEMENTS", 2000)
+    fused = analyze(_config(base_dir, tune_dirs), exact=True)
+    monkeypatch.setenv("MERGESCOPE_NATIVE", "0")
+    plain = analyze(_config(base_dir, tune_dirs), exact=True)
+    f = next(t for t in fused["tensors"] if t["name"] == NAME)["spectral"]
+    p = next(t for t in plain["tensors"] if t["name"] == NAME)["spectral"]
+    assert f["method"] == p["method"] == "randomized"
+    np.testing.assert_allclose(f["singular_values"], p["singular_values"], rtol=1e-5, atol=1e-7)
+    assert f["error_bound"] == pytest.approx(p["error_bound"], rel=1e-4, abs=1e-7)
+    assert f["interference"] == pytest.approx(p["interference"], rel=1e-5)

@@ -28,7 +28,9 @@ import math
 
 import torch
 
+from .. import native
 from ..methods.registry import StatsPass
+from ..native import ops
 from ..native.rng import stable_seed
 from ..plan import layer_index
 
@@ -96,7 +98,7 @@ def exact_spectrum(base: torch.Tensor, models: list[torch.Tensor], sampled: bool
     """The spectral object of a 2-D tensor in hand (float32 inputs), by exact SVDs."""
     taus = [m - base for m in models]
     matrices = [*taus, sum(taus)]
-    energies = [float(a.double().square().sum()) for a in matrices]
+    energies = [float(_energy(a)) for a in matrices]
     if not all(math.isfinite(e) for e in energies):  # NaN/Inf inputs (said in the notes): no spectrum, no SVD
         return None
     svds = [torch.linalg.svd(a, full_matrices=False) for a in matrices]
@@ -108,8 +110,21 @@ def _matrices(base, models):
     return [*taus, sum(taus)]
 
 
+def _energy(a: torch.Tensor) -> torch.Tensor:
+    """‖a‖_F² in float64 from float32 row sums (a quarter of the cost of squaring a float64 copy)."""
+    return a.reshape(a.shape[0], -1).square().sum(dim=1).double().sum()
+
+
 def _rows(ctx, q: torch.Tensor) -> torch.Tensor:
     return q if ctx.band is None else q[ctx.band[0]:ctx.band[1]]
+
+
+def _on_matrices(step) -> dict:
+    """A pass's ``collect`` and ``native`` for ``step(matrices, params, ctx)``, which sees the band's task matrices:
+    computed in torch from float32 inputs, or by the fused kernels from the inputs as stored (``ops.task_matrices``,
+    the same values)."""
+    return dict(collect=lambda base, models, params, ctx: step(_matrices(base, models), params, ctx),
+                native=lambda base, models, params, ctx: step(ops.task_matrices(base, models), params, ctx))
 
 
 def randomized_passes() -> tuple[StatsPass, ...]:
@@ -119,12 +134,11 @@ def randomized_passes() -> tuple[StatsPass, ...]:
         rank = min(ctx.shape)
         return min(rank, top_count(OVERLAP_FRACTION, rank) + OVERSAMPLE)
 
-    def sketch(base, models, params, ctx):
-        mats = _matrices(base, models)
+    def sketch(mats, params, ctx):
         gen = torch.Generator().manual_seed(stable_seed(params["seed"], f"spectral:{ctx.name}"))
-        omega = torch.randn(ctx.shape[1], width(ctx), generator=gen).to(base.device)
+        omega = torch.randn(ctx.shape[1], width(ctx), generator=gen).to(mats[0].device)
         part = {f"y{i}": a @ omega for i, a in enumerate(mats)}
-        part["energy"] = torch.stack([a.double().square().sum() for a in mats]).cpu()
+        part["energy"] = torch.stack([_energy(a) for a in mats]).cpu()
         return part
 
     def orthonormal(prefix: str):
@@ -136,14 +150,14 @@ def randomized_passes() -> tuple[StatsPass, ...]:
             return stats
         return finish
 
-    def back(base, models, params, ctx):  # Z = Aᵀ Q, summed over bands
-        return {f"z{i}": a.T @ _rows(ctx, ctx.stats[f"q{i}"]) for i, a in enumerate(_matrices(base, models))}
+    def back(mats, params, ctx):  # Z = Aᵀ Q, summed over bands
+        return {f"z{i}": a.T @ _rows(ctx, ctx.stats[f"q{i}"]) for i, a in enumerate(mats)}
 
-    def forward(base, models, params, ctx):  # Y = A Q₂, concatenated over bands
-        return {f"y{i}": a @ ctx.stats[f"p{i}"] for i, a in enumerate(_matrices(base, models))}
+    def forward(mats, params, ctx):  # Y = A Q₂, concatenated over bands
+        return {f"y{i}": a @ ctx.stats[f"p{i}"] for i, a in enumerate(mats)}
 
-    def project(base, models, params, ctx):  # B = Qᵀ A, summed over bands
-        return {f"b{i}": _rows(ctx, ctx.stats[f"q{i}"]).T @ a for i, a in enumerate(_matrices(base, models))}
+    def project(mats, params, ctx):  # B = Qᵀ A, summed over bands
+        return {f"b{i}": _rows(ctx, ctx.stats[f"q{i}"]).T @ a for i, a in enumerate(mats)}
 
     def decompose(combined, params, ctx):
         stats = dict(ctx.stats)
@@ -158,10 +172,10 @@ def randomized_passes() -> tuple[StatsPass, ...]:
         return stats
 
     many = tuple(f"y{i}" for i in range(64))
-    return (StatsPass(sketch, orthonormal("q"), concat=many),
-            StatsPass(back, orthonormal("p")),
-            StatsPass(forward, orthonormal("q"), concat=many),
-            StatsPass(project, decompose))
+    return (StatsPass(**_on_matrices(sketch), finish=orthonormal("q"), concat=many),
+            StatsPass(**_on_matrices(back), finish=orthonormal("p")),
+            StatsPass(**_on_matrices(forward), finish=orthonormal("q"), concat=many),
+            StatsPass(**_on_matrices(project), finish=decompose))
 
 
 RANDOMIZED_PASSES = randomized_passes()
@@ -205,11 +219,13 @@ def tensor_spectrum(executor, task, reduced, band, base, inputs, seed: int,
     sampled = task.name in getattr(executor, "sampled_rows", {})
     if band is None and math.prod(shape) <= EXACT_ELEMENTS:
         b, ms = executor.inputs(task, base, inputs)
-        return exact_spectrum(b, ms, sampled)
+        with native.torch_cores():
+            return exact_spectrum(b, ms, sampled)
     if chosen is not None and task.name not in chosen:  # over the budget of randomized SVDs
         return None
-    found = executor.tensor_stats(task, reduced, passes=RANDOMIZED_PASSES, params={"seed": seed},
-                                  first=(band, (base, inputs)))
+    with native.torch_cores():
+        found = executor.tensor_stats(task, reduced, passes=RANDOMIZED_PASSES, params={"seed": seed},
+                                      first=(band, (base, inputs)))
     return randomized_spectrum(found, min(shape), sampled)
 
 

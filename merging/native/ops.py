@@ -93,6 +93,13 @@ def task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Se
     return out, sum(run_ranges(_on_ranges(lib.ms_task_vectors, args), out.numel()))
 
 
+def task_matrices(base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """τ_i = x_i − b for each model and, last, Σ_i τ_i (summed in model order), in float32 from the inputs as
+    stored: the same values as the float32 subtractions and sum in torch, in one read of each input."""
+    taus = [weighted_sum([m, base], [1.0, -1.0], torch.float32)[0] for m in models]
+    return [*taus, weighted_sum(taus, [1.0] * len(taus), torch.float32)[0]]
+
+
 ALL_TIES = 1 << 62
 
 
