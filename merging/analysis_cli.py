@@ -68,7 +68,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     mode = "exact" if meta["mode"] == "exact" else f"sampled {meta['sample_fraction']:.1%} of rows"
     n = len(meta["models"])
     print(f"analyzed {stats['model']['tensors']} tensors of {n} model{'s' * (n != 1)} ({mode}) in "
-          f"{meta['seconds']:.1f} s, read {meta['bytes_read'] / 1e9:.3f} GB"
+          f"{meta['seconds']:.1f} s (spectra {meta['spectral_seconds']:.1f} s), read {meta['bytes_read'] / 1e9:.3f} GB"
           + (f"; wrote {', '.join(written)}" if written else ""))
     for note in meta["notes"]:
         print(f"note: {note}")

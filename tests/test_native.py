@@ -138,6 +138,37 @@ def test_kernels_store_bf16_with_round_to_nearest_even_and_count_nonfinite():
 
 
 @needs_compiler
+def test_kernels_read_and_store_float16_as_torch_does():
+    """Every float16 value (all 65536 bit patterns, in lengths that are not multiples of the 8-wide conversions)
+    comes in as torch converts it, and float32 values go out rounded to nearest even, as torch stores them."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)[:-3]
+    widened = every.float()
+    got, bad = ops.weighted_sum([every], [1.0], torch.float32)
+    finite = ~widened.isnan()
+    assert torch.equal(got[finite], widened[finite]) and bool(got[~finite].isnan().all())
+    assert bad == int((~torch.isfinite(widened)).sum())
+    values = torch.randn(10_007, generator=torch.Generator().manual_seed(0)) * torch.logspace(-9, 5, 10_007)
+    stored, bad = ops.weighted_sum([values], [1.0], torch.float16)
+    assert stored.view(torch.int16).tolist() == values.to(torch.float16).view(torch.int16).tolist()
+    assert bad == int((~torch.isfinite(values.to(torch.float16))).sum())
+
+
+@needs_compiler
+@pytest.mark.parametrize("method, params", [c for c in CASES if not c[0].startswith("dare")])
+def test_kernels_give_the_torch_bytes_on_float16_checkpoints(tmp_path, monkeypatch, method, params):
+    cfg = llama_config(hidden=32, intermediate=48, layers=1, vocab=96)
+    base = llama_tensors(cfg, seed=1, dtype=torch.float16)
+    folders = [save_checkpoint(tmp_path / "base", base, cfg)]
+    folders += [save_checkpoint(tmp_path / f"ft{k}", fine_tune(base, seed=k, scale=0.02), cfg) for k in range(3)]
+    models = ", ".join(f"{{model: {t}}}" for t in folders[1:])
+    text = f"merge_method: {method}\nbase_model: {folders[0]}\nmodels: [{models}]\nparameters: {params}\n"
+    fast, slow = _merge_both(text, tmp_path, monkeypatch)
+    assert fast.keys() == slow.keys() and any(t.dtype == torch.float16 for t in fast.values())
+    for name in fast:
+        assert torch.equal(fast[name], slow[name]), name
+
+
+@needs_compiler
 def test_bracket_and_tie_end_are_exact():
     torch.manual_seed(0)
     base = torch.randn(300_000).to(torch.bfloat16)

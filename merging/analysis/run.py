@@ -116,7 +116,8 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], request:
     fused = executor.device.type == "cpu" and plan.method.native is not None
     with native.own_cores(fused and native.library() is not None):
         reduced = _reduction(executor, tasks) if passes == 2 else None
-        per_tensor, several_outputs, spectra = _sum_tensors(executor, tasks, reduced, nonfinite, chosen)
+        per_tensor, several_outputs, spectra, spectral_seconds = _sum_tensors(executor, tasks, reduced, nonfinite,
+                                                                              chosen)
     notes[:0] = [f"{n}: the statistics of that model are not meaningful there" for n in nonfinite.notes()]
     bytes_read = _bytes_read(sources) - read_before
     if several_outputs:
@@ -135,6 +136,7 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], request:
         "bytes_read": int(bytes_read),
         "bytes_total": int(bytes_total),
         "seconds": round(time.monotonic() - started, 3),
+        "spectral_seconds": round(spectral_seconds, 3),
         "passes": passes,
         "device": str(executor.device),
         **_method_meta(plan, tasks, ctx),
@@ -188,16 +190,17 @@ def _reduction(executor: AnalysisExecutor, tasks: list[TensorTask]) -> torch.Ten
 
 def _sum_tensors(executor: AnalysisExecutor, tasks: list[TensorTask], reduced: torch.Tensor | None,
                  nonfinite: NonFinite, chosen: set[str] | None = None
-                 ) -> tuple[list[tuple[TensorTask, TensorSums]], bool, dict[str, dict | None]]:
+                 ) -> tuple[list[tuple[TensorTask, TensorSums]], bool, dict[str, dict | None], float]:
     """Every tensor's sums, unit by unit as the engine streams them, band by band like a merge (whole-tensor
     quantities, the trim's and the method's top-k cuts, a randomized SVD's sketches, come from the statistics
     passes first, so a banded tensor is never held whole); whether the method wrote several tensors per input (then
-    no merged distance); and each 2-D tensor's spectral diagnostics (``spectral``)."""
+    no merged distance); each 2-D tensor's spectral diagnostics (``spectral``), and the seconds they took."""
     method = executor.plan.method
     per_tensor: list[tuple[TensorTask, list[TensorSums]]] = []
     spectra: dict[str, dict | None] = {}
     several_outputs = False
     stats = cuts = None
+    spectral_seconds = 0.0
     for task, band, base, inputs in executor.stream(tasks, "analyze", banded=True):
         if band is None or band[0] == 0:  # a tensor starts
             per_tensor.append((task, []))
@@ -205,14 +208,16 @@ def _sum_tensors(executor: AnalysisExecutor, tasks: list[TensorTask], reduced: t
             stats = executor.tensor_stats(task, reduced, first=first) if method.stats else None
             densities = trim_densities(method, task.params, len(inputs))
             cuts = tensor_cuts(executor, task, reduced, densities, stats, first)
+            spectral_started = time.monotonic()
             spectra[task.name] = tensor_spectrum(executor, task, reduced, band, base, inputs,
                                                  executor.plan.config.seed, chosen)
+            spectral_seconds += time.monotonic() - spectral_started
         nonfinite.check_inputs(task, base, inputs)
         ctx = executor.context(task, band, reduced, stats)
         sums, several = _unit_sums(executor, task, band, base, inputs, ctx, Trim(cuts, ctx))
         several_outputs |= several
         per_tensor[-1][1].append(sums)
-    return [(task, TensorSums.add(units)) for task, units in per_tensor], several_outputs, spectra
+    return [(task, TensorSums.add(units)) for task, units in per_tensor], several_outputs, spectra, spectral_seconds
 
 
 def _unit_sums(executor: AnalysisExecutor, task: TensorTask, band, base, inputs, ctx: TensorContext,

@@ -37,6 +37,7 @@ META: tuple[tuple[Key, str], ...] = (
                     "exceed 256 MiB again for each statistics pass (the trim's exact top-k, a sparsifying method's "
                     "own), from the page cache"),
     ("seconds", ""),
+    ("spectral_seconds", "of `seconds`, what the spectral diagnostics took: their SVDs and passes"),
     ("passes", "1, or 2 when the method needs a whole-model reduction first"),
     ("device", ""),
     ("method", ""),

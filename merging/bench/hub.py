@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..hub.link import LinkShape
 from ..hub.loopback import LoopbackHub
-from .local import METHOD_PARAMS, Shape, checked, reported_seconds, run_measured, write_models
+from .local import ANALYSIS_SECONDS, METHOD_PARAMS, Shape, checked, reported_seconds, run_measured, write_models
 
 # what mergekit does for each model before merging: snapshot_download of the repo (here into a plain folder)
 _DOWNLOAD = """
@@ -131,7 +131,7 @@ def _sampled_analysis(hub: LoopbackHub, cfg: Path, workdir: Path, env: dict, sam
         wall, peak, _, _, stdout = checked("the sampled analysis", cfg.stem, run_measured(
             [sys.executable, "-m", "merging", "analyze", str(cfg), "--sample", str(sample), "--json",
              str(workdir / "analysis.json")], env))
-        runs.append({"wall": wall, "analysis_s": reported_seconds(stdout, r" in ([0-9.]+) s, read "),
+        runs.append({"wall": wall, "analysis_s": reported_seconds(stdout, ANALYSIS_SECONDS),
                      "read_bytes": json.loads((workdir / "analysis.json").read_text())["meta"]["bytes_read"],
                      "served_bytes": hub.served(), "peak_bytes": peak, **hub.counts()})
     return _best(runs)

@@ -29,13 +29,14 @@ static int64_t from_f32(const float *restrict src, int n, void *dst, int dt, int
         }
     } else if (dt == DT_F16) {
         _Float16 *d = (_Float16 *)dst + i0;
-        for (int k = 0; k < n; k++) {
-            _Float16 h = (_Float16)src[k];
-            uint16_t bits;
-            memcpy(&bits, &h, 2);
-            d[k] = h;
-            bad += (bits & 0x7c00u) == 0x7c00u;
-        }
+        int k = 0;
+#ifdef __F16C__ /* 8 at a time, rounding to nearest even as the scalar conversion (the same instruction) does */
+        for (; k + 8 <= n; k += 8)
+            _mm_storeu_si128((__m128i *)(d + k), _mm256_cvtps_ph(_mm256_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT));
+#endif
+        for (; k < n; k++) d[k] = (_Float16)src[k];
+        const uint16_t *bits = (const uint16_t *)d;
+        for (k = 0; k < n; k++) bad += (bits[k] & 0x7c00u) == 0x7c00u;
     } else {
         float *d = (float *)dst + i0;
         for (int k = 0; k < n; k++) {
