@@ -8,18 +8,18 @@ name each input with non-finite values, and say when the method dropped them.
 
 The inputs are counted only for methods that may drop a NaN: a weighted sum or an interpolation carries every
 input's NaN into the merged tensor, where it is counted anyway, so those (``PROPAGATING``) pay nothing more; any
-other method, a new one included, has its inputs counted (one float32-accumulated sum per input per unit: about a
-tenth of a TIES merge's time).
-
-A finite sum proves a tensor finite (NaN and Inf propagate through a sum, accumulated in float32 so a float16
-input does not overflow); only a non-finite sum pays for an exact count.
+other method, a new one included, has its inputs counted: on the CPU by a kernel that reads their exponent bits as
+stored (``native.ops.count_nonfinite``); elsewhere, a finite float32-accumulated sum proves a tensor finite (NaN
+and Inf propagate through a sum) and only a non-finite sum pays for an exact count.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import native
 from .errors import MergeError
+from .native import ops
 
 # Methods whose merged value at an element is NaN whenever an input's is (weights of 0 too: 0 · NaN = NaN).
 PROPAGATING = frozenset({"linear", "task_arithmetic", "slerp", "nuslerp", "model_stock", "passthrough"})
@@ -52,9 +52,12 @@ def _refuse_input(method: str, ref, task, bad: int) -> None:
 
 
 def count(tensor: torch.Tensor) -> int:
-    """NaN/Inf values in ``tensor`` (0 for integer tensors)."""
+    """NaN/Inf values in ``tensor`` (0 for integer tensors): by the fused kernel where it takes the tensor (its bits
+    read as stored, on every core), else from a float32-accumulated sum."""
     if not tensor.is_floating_point():
         return 0
+    if native.usable(tensor.device, tensor):
+        return ops.count_nonfinite(tensor)
     if bool(torch.isfinite(tensor.sum(dtype=torch.float32 if tensor.dtype != torch.float64 else torch.float64))):
         return 0
     return int(tensor.numel() - torch.isfinite(tensor).sum())

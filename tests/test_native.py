@@ -169,6 +169,17 @@ def test_kernels_give_the_torch_bytes_on_float16_checkpoints(tmp_path, monkeypat
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_nonfinite_count_kernel_counts_what_torch_counts(dtype):
+    values = torch.randn(200_003, generator=torch.Generator().manual_seed(3)).to(dtype)
+    values[[0, 17, 65_536, 200_002]] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan")],
+                                                    dtype=dtype)
+    values[100] = torch.finfo(dtype).max  # the largest finite value is not counted
+    assert ops.count_nonfinite(values) == int((~torch.isfinite(values)).sum()) == 4
+    assert ops.count_nonfinite(values[:18]) == 2 and ops.count_nonfinite(values[1:17]) == 0
+
+
+@needs_compiler
 def test_bracket_and_tie_end_are_exact():
     torch.manual_seed(0)
     base = torch.randn(300_000).to(torch.bfloat16)

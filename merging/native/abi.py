@@ -78,6 +78,7 @@ KERNELS = {
     "ms_task_vectors": (TaskVectorsArgs, [], _i64),
     "ms_bracket": (MagnitudeArgs, [ctypes.POINTER(BracketFound)], None),
     "ms_tie_end": (MagnitudeArgs, [], _i64),
+    "ms_count_nonfinite": (MagnitudeArgs, [], _i64),
     "ms_random_l1": (RandomL1Args, [], None),
     "ms_emr": (EmrArgs, [], None),
     "ms_row_sums": (RowSumsArgs, [], None),

@@ -292,6 +292,20 @@ static int count_equal(int len, const float *restrict t, float thr) {
     return count;
 }
 
+/* How many of x's values in [begin, end) are NaN or infinite (all exponent bits set), read as stored: the
+ * inputs' check of merging/nonfinite.py, which torch's float32-accumulated sum made a tenth of a TIES merge. */
+int64_t ms_count_nonfinite(const ms_magnitude_args *args, int64_t begin, int64_t end) {
+    int64_t bad = 0;
+    if (args->dt == DT_F32) {
+        const uint32_t *u = (const uint32_t *)args->x;
+        for (int64_t k = begin; k < end; k++) bad += (u[k] & 0x7f800000u) == 0x7f800000u;
+    } else {
+        const uint16_t *h = (const uint16_t *)args->x, exponent = args->dt == DT_BF16 ? 0x7f80u : 0x7c00u;
+        for (int64_t k = begin; k < end; k++) bad += (h[k] & exponent) == exponent;
+    }
+    return bad;
+}
+
 /* The index just after the `ties`-th element (ties >= 1) from `begin` whose |x - b| (|x| without a base) equals
  * hi: where a cut that keeps only the first `ties` of its ties stops keeping them; `end` when there are fewer. */
 int64_t ms_tie_end(const ms_magnitude_args *args, int64_t begin, int64_t end) {

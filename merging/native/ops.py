@@ -115,6 +115,13 @@ def _tie_end(base: torch.Tensor, model: torch.Tensor, threshold: float, ties: in
     return library().ms_tie_end(ctypes.byref(args), 0, model.numel())
 
 
+def count_nonfinite(tensor: torch.Tensor) -> int:
+    """How many values of ``tensor`` (contiguous, on the CPU, float32/bfloat16/float16) are NaN or infinite."""
+    flat = _flat(tensor)
+    args = MagnitudeArgs(x=pointer(flat), dt=DTYPE_CODES[flat.dtype])
+    return sum(run_ranges(_on_ranges(library().ms_count_nonfinite, args), flat.numel()))
+
+
 def bracket(base: torch.Tensor | None, model: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor]:
     """How many |x − b| (|x| without a base) exceed ``hi``, and the values within [lo, hi] in flat order."""
     lib = library()
