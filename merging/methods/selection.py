@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from ..native import ops
@@ -57,15 +58,15 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
         for i in range(len([k for k in combined if k.startswith("s")])):
             s = combined[f"s{i}"]
             m = s.numel()
-            cuts = []
+            wanted = []  # (k, the sample ranks bracketing it: hi's and lo's)
             for k in ranks(params, i, numel):
                 r = k * m / numel
                 margin = 4.0 * math.sqrt(max(r * (1 - r / m), 1.0)) + 8
-                hi_rank, lo_rank = int(r - margin), int(math.ceil(r + margin))
-                hi = float("inf") if hi_rank < 0 else _largest(s, hi_rank)
-                lo = -1.0 if lo_rank >= m else _largest(s, lo_rank)
-                cuts.append((k, lo, hi))
-            out.append(cuts)
+                wanted.append((k, int(r - margin), int(math.ceil(r + margin))))
+            value = _largest(s, [rank for _, hi_rank, lo_rank in wanted for rank in (hi_rank, lo_rank)
+                                 if 0 <= rank < m])
+            out.append([(k, -1.0 if lo_rank >= m else value[lo_rank], float("inf") if hi_rank < 0 else value[hi_rank])
+                        for k, hi_rank, lo_rank in wanted])
         return {**(ctx.stats or {}), key: out}
 
     def count(base, models, params, ctx):
@@ -159,9 +160,15 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
     )
 
 
-def _largest(values: torch.Tensor, rank: int) -> float:
-    """The (rank + 1)-th largest of ``values``, by selection (kthvalue) rather than a sort."""
-    return float(torch.kthvalue(values, values.numel() - rank).values)
+def _largest(values: torch.Tensor, ranks: list[int]) -> dict[int, float]:
+    """The (rank + 1)-th largest of ``values`` for each rank, by selection rather than a sort: on the CPU one
+    multi-selection for all of them (numpy's introselect: a third of the time of one torch.kthvalue per rank)."""
+    n = values.numel()
+    if values.device.type != "cpu":
+        return {rank: float(torch.kthvalue(values, n - rank).values) for rank in ranks}
+    ascending = values.numpy()
+    chosen = np.partition(ascending, sorted({n - 1 - rank for rank in ranks})) if ranks else ascending
+    return {rank: float(chosen[n - 1 - rank]) for rank in ranks}
 
 
 def _bracket_missed(key: str) -> Callable[[object], bool]:

@@ -255,30 +255,31 @@ static const float *task_vector(const void *base, int base_dt, const void *x, in
 }
 
 /* One pass of exact top-k selection over [begin, end): how many |x - b| (|x| without a base) exceed `hi`, and the
- * values in [lo, hi], copied to found->values in flat order (up to found->cap; found->inside says how many there
- * were, so that the caller can retry with more room). */
+ * values in [lo, hi], copied to found->values in flat order (up to found->cap, with room for cap + 1 values;
+ * found->inside says how many there were, so that the caller can retry with more room). */
 void ms_bracket(const ms_magnitude_args *args, int64_t begin, int64_t end, ms_bracket_found *found) {
     const void *base = args->base, *x = args->x;
     const int base_dt = args->base_dt, dt = args->dt;
     const float lo = args->lo, hi = args->hi;
     float *values = found->values;
     const int64_t cap = found->cap;
-    float b[BLOCK], v[BLOCK], t[BLOCK], a[BLOCK];
+    float b[BLOCK], v[BLOCK], t[BLOCK], a[BLOCK + 16];  /* 16 past the block: read by the last group of 16 */
     int flag[BLOCK + 16];
     int64_t count = 0, kept = 0;
     for (int64_t i0 = begin; i0 < end; i0 += BLOCK) {
         int len = end - i0 < BLOCK ? (int)(end - i0) : BLOCK;
         count += magnitudes_in(len, task_vector(base, base_dt, x, dt, i0, len, v, b, t), lo, hi, a, flag);
-        for (int k = len; k < BLOCK + 16; k++) flag[k] = 0;
+        for (int k = len; k < BLOCK + 16; k++) {
+            flag[k] = 0;
+            a[k] = 0.0f;
+        }
         for (int k = 0; k < len; k += 16) {  /* candidates are rare: skip 16 flags at a time */
             int any = 0;
             for (int j = 0; j < 16; j++) any |= flag[k + j];
             if (!any) continue;
-            for (int j = k; j < k + 16 && j < len; j++) {
-                if (flag[j]) {
-                    if (kept < cap) values[kept] = a[j];
-                    kept++;
-                }
+            for (int j = k; j < k + 16; j++) {  /* branch-free: a flag is as likely set as not */
+                values[kept < cap ? kept : cap] = a[j];  /* values has one spare slot, at cap */
+                kept += flag[j];
             }
         }
     }

@@ -80,7 +80,7 @@ typedef struct { MS_MAGNITUDE_ARGS(MS_DECLARE) } ms_magnitude_args;
 
 /* What ms_bracket finds in one range: the only per-range output that is not a slice of a band-wide tensor. */
 #define MS_BRACKET_FOUND(F)                                                                                      \
-    F(float *, values)          /* room for `cap` values */                                                      \
+    F(float *, values)          /* room for `cap` + 1 values: the last is scratch */                             \
     F(int64_t, cap)                                                                                              \
     F(int64_t, above)                                                                                            \
     F(int64_t, inside)          /* may exceed cap: then only cap were stored */

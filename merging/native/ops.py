@@ -133,7 +133,7 @@ def bracket(base: torch.Tensor | None, model: torch.Tensor, lo: float, hi: float
         n = stop - start
         cap = min(n, max(SUM_BLOCK, n // 16))
         while True:
-            values = torch.empty(cap, dtype=torch.float32)
+            values = torch.empty(cap + 1, dtype=torch.float32)  # the kernel's spare slot at cap
             found = BracketFound(values=pointer(values), cap=cap)
             lib.ms_bracket(ref, start, stop, ctypes.byref(found))
             if found.inside <= cap:
