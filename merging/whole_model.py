@@ -32,7 +32,8 @@ def gather_stats(passes, params: dict, band_inputs, context, prepare, native=Non
     ``band_inputs()``: a fresh iterator of (band, (base, models)) per pass; ``context(band, stats)``: a band's
     TensorContext (band None: the whole tensor); ``prepare(base, models, stride)``: the float32 tensors ``collect``
     sees (every ``stride``-th element); ``native(stats_pass, base, models, ctx)``: a pass's fused result on the
-    inputs as given, or None. The engine runs it on bands it reads; the analysis also on tensors in hand.
+    inputs as given (whole bands: a sampling pass's kernel takes its own stride), or None. The engine runs it on
+    bands it reads; the analysis also on tensors in hand.
     """
     stats = None
     for stats_pass in passes:
@@ -44,7 +45,7 @@ def gather_stats(passes, params: dict, band_inputs, context, prepare, native=Non
         for band, (base, models) in band_inputs():
             ctx = context(band, stats)
             stride = stats_pass.sample_stride
-            part = native(stats_pass, base, models, ctx) if native is not None and stride == 1 else None
+            part = native(stats_pass, base, models, ctx) if native is not None else None
             if part is None:
                 part = stats_pass.collect(*prepare(base, models, stride), params, ctx)
             combine(part, combined, stats_pass.concat)

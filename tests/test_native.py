@@ -180,6 +180,18 @@ def test_the_nonfinite_count_kernel_counts_what_torch_counts(dtype):
 
 
 @needs_compiler
+def test_the_strided_sample_kernel_is_torchs_strided_abs_difference():
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(100_003, generator=g).to(torch.bfloat16)
+    model = (base.float() + torch.randn(100_003, generator=g) * 0.01).to(torch.bfloat16)
+    model[[0, 61 * 7]] = torch.tensor([float("nan"), -0.0], dtype=torch.bfloat16)
+    for b in (base, None):
+        want = ((model.float() - b.float()) if b is not None else model.float()).abs()[::61]
+        got = ops.strided_magnitudes(b, model, 61)
+        assert got.view(torch.int32).tolist() == want.view(torch.int32).tolist()
+
+
+@needs_compiler
 def test_bracket_and_tie_end_are_exact():
     torch.manual_seed(0)
     base = torch.randn(300_000).to(torch.bfloat16)

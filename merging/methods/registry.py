@@ -118,7 +118,8 @@ class StatsPass:
     only_if: Callable[[Any], bool] | None = None  # from the stats so far: skip unless this holds
     sample_stride: int = 1  # >1: collect sees only every n-th element of each band (flattened), for sampling
     # The same as ``collect`` on the inputs as stored (any float dtype, on the CPU) with a fused kernel, or None
-    # to let ``collect`` run on float32 copies (see merging/native).
+    # to let ``collect`` run on float32 copies (see merging/native). It sees whole bands: a sampling pass's kernel
+    # keeps every ``sample_stride``-th element itself.
     native: Callable[..., dict[str, torch.Tensor] | None] | None = None
 
 

@@ -52,6 +52,10 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
         # The engine hands this pass every SAMPLE_STRIDE-th element only (``sample_stride``), before conversion.
         return {f"s{i}": a for i, a in enumerate(_magnitudes(base, models, relative))}
 
+    def sample_native(base, models, params, ctx):  # the same sample, from the whole band as stored
+        return {f"s{i}": ops.strided_magnitudes(base if relative else None, model, SAMPLE_STRIDE)
+                for i, model in enumerate(models)}
+
     def brackets(combined, params, ctx):
         numel = math.prod(ctx.shape)
         out: list = []
@@ -151,7 +155,7 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
 
     return (
         StatsPass(sample, brackets, concat=tuple(f"s{i}" for i in range(MAX_MODELS)), needed=needed,
-                  sample_stride=SAMPLE_STRIDE),
+                  sample_stride=SAMPLE_STRIDE, native=sample_native),
         StatsPass(count, select, concat=("start",) + tuple(f"{p}{i}_{j}" for p in "cn" for i in range(MAX_MODELS)
                                                           for j in range(MAX_RANKS)), needed=needed,
                   native=count_native),

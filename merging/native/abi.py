@@ -42,7 +42,7 @@ class TaskVectorsArgs(KernelArgs):
 class MagnitudeArgs(KernelArgs):
     c_name = "ms_magnitude_args"
     _fields_ = [("base", _p), ("x", _p), ("ties", _i64), ("base_dt", _i32), ("dt", _i32), ("lo", _f32),
-                ("hi", _f32)]
+                ("hi", _f32), ("out", _p), ("stride", _i64)]
 
 
 class BracketFound(KernelArgs):
@@ -79,6 +79,7 @@ KERNELS = {
     "ms_bracket": (MagnitudeArgs, [ctypes.POINTER(BracketFound)], None),
     "ms_tie_end": (MagnitudeArgs, [], _i64),
     "ms_count_nonfinite": (MagnitudeArgs, [], _i64),
+    "ms_strided_magnitudes": (MagnitudeArgs, [], None),
     "ms_random_l1": (RandomL1Args, [], None),
     "ms_emr": (EmrArgs, [], None),
     "ms_row_sums": (RowSumsArgs, [], None),

@@ -293,6 +293,28 @@ static int count_equal(int len, const float *restrict t, float thr) {
     return count;
 }
 
+static inline float load_f32(const void *src, int dt, int64_t i) {
+    float f;
+    to_f32(src, dt, i, 1, &f);
+    return f;
+}
+
+/* out[j] = |x_i - b_i| (|x_i| without a base) for i = j * stride, j in [begin, end): the strided sample of a top-k
+ * selection, from the inputs as stored (the same values as torch's float32 subtraction and abs). */
+void ms_strided_magnitudes(const ms_magnitude_args *args, int64_t begin, int64_t end) {
+    const void *base = args->base, *x = args->x;
+    const int base_dt = args->base_dt, dt = args->dt;
+    const int64_t stride = args->stride;
+    float *out = args->out;
+    for (int64_t j = begin; j < end; j++) {
+        float t = base ? load_f32(x, dt, j * stride) - load_f32(base, base_dt, j * stride) : load_f32(x, dt, j * stride);
+        uint32_t u;
+        memcpy(&u, &t, 4);
+        u &= 0x7fffffffu;  /* the sign bit cleared, as torch's abs does (NaN and -0 included) */
+        memcpy(out + j, &u, 4);
+    }
+}
+
 /* How many of x's values in [begin, end) are NaN or infinite (all exponent bits set), read as stored: the
  * inputs' check of merging/nonfinite.py, which torch's float32-accumulated sum made a tenth of a TIES merge. */
 int64_t ms_count_nonfinite(const ms_magnitude_args *args, int64_t begin, int64_t end) {

@@ -66,8 +66,10 @@ typedef struct { MS_WEIGHTED_SUM_ARGS(MS_DECLARE) } ms_weighted_sum_args;
     F(float, lam)
 typedef struct { MS_TASK_VECTORS_ARGS(MS_DECLARE) } ms_task_vectors_args;
 
-/* ms_bracket and ms_tie_end, top-k selection's passes over |t|, t = x - b (x itself when base is NULL):
- * ms_bracket counts |t| > hi and collects |t| in [lo, hi]; ms_tie_end finds the `ties`-th |t| equal to hi. */
+/* ms_bracket, ms_tie_end and ms_strided_magnitudes, top-k selection's passes over |t|, t = x - b (x itself when
+ * base is NULL): ms_bracket counts |t| > hi and collects |t| in [lo, hi]; ms_tie_end finds the `ties`-th |t| equal
+ * to hi; ms_strided_magnitudes writes |t| of every `stride`-th element to out (the sample that brackets a cut);
+ * ms_count_nonfinite counts x's NaN/Inf. */
 #define MS_MAGNITUDE_ARGS(F)                                                                                     \
     F(const void *, base)                                                                                        \
     F(const void *, x)                                                                                           \
@@ -75,7 +77,9 @@ typedef struct { MS_TASK_VECTORS_ARGS(MS_DECLARE) } ms_task_vectors_args;
     F(int32_t, base_dt)                                                                                          \
     F(int32_t, dt)                                                                                               \
     F(float, lo)                                                                                                 \
-    F(float, hi)
+    F(float, hi)                                                                                                 \
+    F(float *, out)                                                                                              \
+    F(int64_t, stride)
 typedef struct { MS_MAGNITUDE_ARGS(MS_DECLARE) } ms_magnitude_args;
 
 /* What ms_bracket finds in one range: the only per-range output that is not a slice of a band-wide tensor. */

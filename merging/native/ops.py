@@ -115,6 +115,16 @@ def _tie_end(base: torch.Tensor, model: torch.Tensor, threshold: float, ties: in
     return library().ms_tie_end(ctypes.byref(args), 0, model.numel())
 
 
+def strided_magnitudes(base: torch.Tensor | None, model: torch.Tensor, stride: int) -> torch.Tensor:
+    """|x − b| (|x| without a base) in float32 of every ``stride``-th element of the flattened band, from 0."""
+    flat = _flat(model)
+    out = torch.empty(-(-flat.numel() // stride), dtype=torch.float32)
+    args = MagnitudeArgs(base=pointer(base), x=pointer(flat), base_dt=DTYPE_CODES[base.dtype] if base is not None
+                         else 0, dt=DTYPE_CODES[flat.dtype], out=pointer(out), stride=stride)
+    run_ranges(_on_ranges(library().ms_strided_magnitudes, args), out.numel())
+    return out
+
+
 def count_nonfinite(tensor: torch.Tensor) -> int:
     """How many values of ``tensor`` (contiguous, on the CPU, float32/bfloat16/float16) are NaN or infinite."""
     flat = _flat(tensor)
