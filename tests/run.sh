@@ -31,4 +31,4 @@ fi
 
 # Lint first: a ruff failure is cheaper to hear about than a 3-minute test run.
 "$PY" -m ruff check .
-exec "$PY" -m pytest -q tests "$@"
+exec "$PY" -m pytest -q --durations=15 tests "$@"  # the slowest tests named: CI must stay under 15 min
