@@ -316,6 +316,23 @@ def test_emr_distance_is_the_rebuilt_task_and_rescalers_match_the_merge(tmp_path
         assert errors["masked_rescaled"][i] < errors["masked"][i] < errors["unified"][i]
 
 
+def test_a_method_that_elects_gets_the_figures_its_own_task_vector_would_give(tmp_path, monkeypatch):
+    """EMR declares ``elects``: its own sums come from the sums' election, not from running it; the same figures."""
+    import dataclasses
+
+    from merging.methods import REGISTRY
+
+    base, tunes = sparse_family(tmp_path / "m")
+    config = parse_config(config_for("emr", base, tunes, params={"skip": ["lm_head"]}))
+    assert REGISTRY["emr"].elects
+    shared = analyze(config, exact=True)
+    monkeypatch.setitem(REGISTRY, "emr", dataclasses.replace(REGISTRY["emr"], elects=False))
+    computed = analyze(config, exact=True)
+    np.testing.assert_allclose(shared["meta"]["method_rescalers"], computed["meta"]["method_rescalers"], rtol=1e-6)
+    for a, b in zip(shared["groups"], computed["groups"]):
+        np.testing.assert_allclose(a["merged_distance"], b["merged_distance"], rtol=1e-6, atol=1e-9)
+
+
 def test_emr_rescale_distance_matches_the_extracted_tasks(tmp_path):
     from merging.emr_store import extract_task
 

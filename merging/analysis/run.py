@@ -226,19 +226,21 @@ def _unit_sums(executor: AnalysisExecutor, task: TensorTask, band, base, inputs,
     method = executor.plan.method
     shares_unified = method.unified is not None
     per_task = method.skipped is not None and method.skipped(task.name, task.params)
+    own_elected = shares_unified and method.elects and not per_task  # its τ' is the sums' own election
     # A unit the fused kernels take as stored needs no float32 copies (they cost a quarter of the pass).
-    as_stored = not shares_unified and executor.native_ready(task, base, inputs)
+    as_stored = (not shares_unified or method.elects) and executor.native_ready(task, base, inputs)
     b, ms = (base, inputs) if as_stored else executor.inputs(task, base, inputs)
     merged = own_tau_uni = None
     if shares_unified:
-        if not per_task:
+        if not per_task and not own_elected:
             own_tau_uni = _unified_tau(executor, task, base, inputs, (b, ms), ctx)
     else:
         merged = _merged_as_written(executor, task, base, inputs, ctx, None if as_stored else (b, ms))
     several = isinstance(merged, dict)  # several outputs per tensor: no single merged weight
     sums = tensor_sums(b, ms, rows=tensor_rows(task) if band is None else b.shape[0], trim=trim,
-                       merged=None if several else merged, own_tau_uni=own_tau_uni, emr_merged=not per_task,
-                       unified_method=shares_unified, numel=task.spec.numel if band is not None else None)
+                       merged=None if several else merged, own_tau_uni=own_tau_uni, own_elected=own_elected,
+                       emr_merged=not per_task, unified_method=shares_unified,
+                       numel=task.spec.numel if band is not None else None)
     return sums, several
 
 

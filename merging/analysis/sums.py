@@ -71,15 +71,17 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 def tensor_sums(base: torch.Tensor, models: list[torch.Tensor], *, rows: int | None = None,
                 trim_density: list[float] | None = None, trim: Trim | None = None,
                 merged: torch.Tensor | None = None, own_tau_uni: torch.Tensor | None = None,
-                emr_merged: bool = True, unified_method: bool = False, numel: int | None = None) -> TensorSums:
+                own_elected: bool = False, emr_merged: bool = True, unified_method: bool = False,
+                numel: int | None = None) -> TensorSums:
     """The sums of one tensor from ``base`` and ``models`` (the whole tensor, a band of it, or its rows read).
 
     ``rows``: the tensor's full row count (default: the rows given, i.e. an exact pass). ``trim``: each model's
     trim of these rows; without it the rows given are trimmed as a whole tensor at ``trim_density`` (per model,
     default 0.2). ``numel``: the whole tensor's size when this is a band of it. ``merged``: the configured method's
     result on the same rows (for the distance). ``unified_method``: the method shares one task vector; then
-    ``own_tau_uni`` is its τ_uni on these rows, or None for a tensor it keeps per task. ``emr_merged``: False for
-    such a tensor (the paper's EMR figures leave it out too).
+    ``own_tau_uni`` is its τ_uni on these rows, or None for a tensor it keeps per task; ``own_elected``: that τ_uni
+    is the election these sums make for EMR's figures, so the method's own sums are those (no ``own_tau_uni``).
+    ``emr_merged``: False for such a tensor (the paper's EMR figures leave it out too).
 
     Inputs are float32, or as stored when the fused kernel takes them. The torch path runs over chunks of rows, the
     task vectors stacked row-first (rows, models, columns) so that every inner product is a batched matrix product;
@@ -131,11 +133,12 @@ def tensor_sums(base: torch.Tensor, models: list[torch.Tensor], *, rows: int | N
             uni_sq += over_rows(q["uni_sq"])
         if merged_rows is not None:
             dist_sq += over_rows(q["dist"])
-        if uni_m is not None:
+        if uni_m is not None or own_elected:
             numel = numel or rows * cols
-            abs_total, abs_masked_total = over_rows(q["abs"]), over_rows(q["own_abs_masked"])
+            prefix = "" if own_elected else "own_"
+            abs_total, abs_masked_total = over_rows(q["abs"]), over_rows(q[prefix + "abs_masked"])
             own += torch.stack([abs_total, abs_masked_total, abs_total / numel, abs_masked_total / numel,
-                                over_rows(q["own_masked_dot"]), over_rows(q["own_masked_sq"]),
+                                over_rows(q[prefix + "masked_dot"]), over_rows(q[prefix + "masked_sq"]),
                                 over_rows(q["gram"].diagonal(dim1=1, dim2=2))])
     emr_tau_sq = gram.diagonal().clone() if emr_merged else torch.zeros(n_models, dtype=torch.float64)
     return TensorSums(

@@ -378,7 +378,7 @@ register(MergeMethod(
     reduce=_emr_reduce, reduce_needed=check_plan, finalize=emr_finalize, outputs=emr_outputs, model_output=False,
     elementwise=True,  # τ_uni and the masks are per element; the rescaler sums add up over row bands
     reduce_after_merge=True,  # the rescalers only go to emr.json: gathered in the merge pass, no second read
-    native=_emr_native, native_reduce=_emr_native_reduce, unified=_unified_of, skipped=_skipped,
+    native=_emr_native, native_reduce=_emr_native_reduce, unified=_unified_of, elects=True, skipped=_skipped,
     rescaler_from_means=_rescaler_from_means,
 ))
 

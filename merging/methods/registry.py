@@ -195,6 +195,8 @@ class MergeMethod:
         τ_uni; None for a tensor kept per task), when the method stores one task vector and per-task masks and
         rescalers λ_i = Σ|τ_i| / Σ|M_i ⊙ τ_uni| instead of one merged tensor: the analysis then rebuilds each task
         for its merged distance and finds λ_i from its own sums (it runs no ``reduce`` pass for such a method);
+        ``elects``: that shared task vector is the paper's election of the task vectors (``emr.elect``), which
+        the analysis computes anyway: it takes the method's own sums from it instead of running the method;
         ``skipped(name, params)``: tensors such a method keeps per task instead of merging;
         ``rescaler_from_means(params)``: whether its λ_i are ratios of per-tensor means (each tensor's sums
         divided by its numel, EMR's ``rescaler: tensor_mean``) rather than of sums over every element.
@@ -228,6 +230,7 @@ class MergeMethod:
     model_output: bool = True
     trim_key: str | None = None
     unified: Callable[[dict, str], torch.Tensor | None] | None = None
+    elects: bool = False
     skipped: Callable[[str, dict], bool] | None = None
     rescaler_from_means: Callable[[dict], bool] | None = None
 
