@@ -324,10 +324,17 @@ def test_a_method_that_elects_gets_the_figures_its_own_task_vector_would_give(tm
 
     base, tunes = sparse_family(tmp_path / "m")
     config = parse_config(config_for("emr", base, tunes, params={"skip": ["lm_head"]}))
+    import merging.analysis.run as run
+
+    ran = []
+    unified_tau = run._unified_tau
+    monkeypatch.setattr(run, "_unified_tau", lambda *a: ran.append(1) or unified_tau(*a))
     assert REGISTRY["emr"].elects
     shared = analyze(config, exact=True)
+    assert not ran, "a method that elects was run again for its own task vector"
     monkeypatch.setitem(REGISTRY, "emr", dataclasses.replace(REGISTRY["emr"], elects=False))
     computed = analyze(config, exact=True)
+    assert ran
     np.testing.assert_allclose(shared["meta"]["method_rescalers"], computed["meta"]["method_rescalers"], rtol=1e-6)
     for a, b in zip(shared["groups"], computed["groups"]):
         np.testing.assert_allclose(a["merged_distance"], b["merged_distance"], rtol=1e-6, atol=1e-9)

@@ -180,6 +180,18 @@ def test_the_nonfinite_count_kernel_counts_what_torch_counts(dtype):
 
 
 @needs_compiler
+def test_a_ties_merge_takes_its_top_k_sample_from_the_kernel(family, tmp_path, monkeypatch):
+    calls = []
+    kernel = ops.strided_magnitudes
+    monkeypatch.setattr(ops, "strided_magnitudes", lambda *a: calls.append(1) or kernel(*a))
+    base, *tunes = family
+    models = ", ".join(f"{{model: {t}}}" for t in tunes)
+    run_merge(parse_config(f"merge_method: ties\nbase_model: {base}\nmodels: [{models}]\n"
+                           "parameters: {density: 0.3}\n"), tmp_path / "out")
+    assert calls
+
+
+@needs_compiler
 def test_the_strided_sample_kernel_is_torchs_strided_abs_difference():
     g = torch.Generator().manual_seed(4)
     base = torch.randn(100_003, generator=g).to(torch.bfloat16)

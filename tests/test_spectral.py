@@ -143,9 +143,17 @@ def test_the_kernels_give_the_randomized_passes_the_task_matrices_torch_computes
     base_dir, tune_dirs, _, _ = _family(tmp_path, m=200, n=100, dtype=dtype)
     monkeypatch.setattr(spectral, "EXACT_ELEMENTS", 100)
     monkeypatch.setattr(merging.bands, "BAND_ELEMENTS", 2000)
+    from merging.native import ops
+
+    calls = []
+    kernel = ops.task_matrices
+    monkeypatch.setattr(ops, "task_matrices", lambda *a: calls.append(1) or kernel(*a))
     fused = analyze(_config(base_dir, tune_dirs), exact=True)
+    assert calls, "the passes never took their task matrices from the kernels"
+    calls.clear()
     monkeypatch.setenv("MERGESCOPE_NATIVE", "0")
     plain = analyze(_config(base_dir, tune_dirs), exact=True)
+    assert not calls
     f = next(t for t in fused["tensors"] if t["name"] == NAME)["spectral"]
     p = next(t for t in plain["tensors"] if t["name"] == NAME)["spectral"]
     assert f["method"] == p["method"] == "randomized"

@@ -96,8 +96,7 @@ def _summary(svds: list[tuple], energies: list[float], rank: int, method: str, b
 
 def exact_spectrum(base: torch.Tensor, models: list[torch.Tensor], sampled: bool = False) -> dict | None:
     """The spectral object of a 2-D tensor in hand (float32 inputs), by exact SVDs."""
-    taus = [m - base for m in models]
-    matrices = [*taus, sum(taus)]
+    matrices = _matrices(base, models)
     energies = [float(_energy(a)) for a in matrices]
     if not all(math.isfinite(e) for e in energies):  # NaN/Inf inputs (said in the notes): no spectrum, no SVD
         return None

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from .registry import StatsPass
+from .selection import largest
 
 SAMPLE_STRIDE = 61
 MAX_MODELS = 64
@@ -34,8 +35,8 @@ def _magnitudes(base: torch.Tensor, models: list[torch.Tensor]) -> list[torch.Te
 
 
 def _largest(values: torch.Tensor, rank: int) -> float:
-    """The ``rank``-th largest (1-based) of ``values``, by selection."""
-    return float(torch.kthvalue(values, values.numel() - rank + 1).values)
+    """The ``rank``-th largest (1-based) of ``values``, by selection (``selection.largest`` counts from 0)."""
+    return largest(values, [rank - 1])[rank - 1]
 
 
 def global_topk_passes(ranks: Callable[[dict, int, int], int], key: str = "global",

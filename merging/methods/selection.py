@@ -67,8 +67,8 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
                 r = k * m / numel
                 margin = 4.0 * math.sqrt(max(r * (1 - r / m), 1.0)) + 8
                 wanted.append((k, int(r - margin), int(math.ceil(r + margin))))
-            value = _largest(s, [rank for _, hi_rank, lo_rank in wanted for rank in (hi_rank, lo_rank)
-                                 if 0 <= rank < m])
+            value = largest(s, [rank for _, hi_rank, lo_rank in wanted for rank in (hi_rank, lo_rank)
+                                if 0 <= rank < m])
             out.append([(k, -1.0 if lo_rank >= m else value[lo_rank], float("inf") if hi_rank < 0 else value[hi_rank])
                         for k, hi_rank, lo_rank in wanted])
         return {**(ctx.stats or {}), key: out}
@@ -164,7 +164,7 @@ def topk_passes(ranks: Callable[[dict, int, int], list[int]], relative: bool = T
     )
 
 
-def _largest(values: torch.Tensor, ranks: list[int]) -> dict[int, float]:
+def largest(values: torch.Tensor, ranks: list[int]) -> dict[int, float]:
     """The (rank + 1)-th largest of ``values`` for each rank, by selection rather than a sort: on the CPU one
     multi-selection for all of them (numpy's introselect: a third of the time of one torch.kthvalue per rank)."""
     n = values.numel()
