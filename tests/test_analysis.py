@@ -3,6 +3,7 @@ tensors with known conflict rates, sampled estimates against their confidence in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,10 +12,12 @@ import pytest
 import torch
 from checkpoints import llama_config, llama_tensors, load_folder, save_checkpoint, write_family
 
+import merging.analysis.run as run
 from merging.__main__ import main
 from merging.analysis import DEFAULT_SAMPLE_FRACTION, RatioStrata, StatsContext, analyze, derive, group_of, tensor_sums
 from merging.config import parse_config
 from merging.engine import run_merge
+from merging.methods import REGISTRY
 
 
 def sparse_family(root: Path, n_models: int = 3, hidden: int = 16, intermediate: int = 32, vocab: int = 64,
@@ -318,16 +321,8 @@ def test_emr_distance_is_the_rebuilt_task_and_rescalers_match_the_merge(tmp_path
 
 def test_a_method_that_elects_gets_the_figures_its_own_task_vector_would_give(tmp_path, monkeypatch):
     """EMR declares ``elects``: its own sums come from the sums' election, not from running it; the same figures."""
-    import dataclasses
-
-    from merging.methods import REGISTRY
-
-    base, tunes = sparse_family(tmp_path / "m")
-    config = parse_config(config_for("emr", base, tunes, params={"skip": ["lm_head"]}))
-    import merging.analysis.run as run
-
-    ran = []
-    unified_tau = run._unified_tau
+    config = parse_config(config_for("emr", *sparse_family(tmp_path / "m"), params={"skip": ["lm_head"]}))
+    ran, unified_tau = [], run._unified_tau
     monkeypatch.setattr(run, "_unified_tau", lambda *a: ran.append(1) or unified_tau(*a))
     assert REGISTRY["emr"].elects
     shared = analyze(config, exact=True)
