@@ -36,11 +36,10 @@ HEADERS = (HERE / "kernels.h",)  # hashed with the sources: a change there chang
 SUM_BLOCK = 65536  # kernels.c returns partial sums per this many elements
 MAX_INPUTS = 32
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# -fopenmp-simd only honours `omp simd` loop hints (vectorized sums); it links no OpenMP runtime.
 # -fno-trapping-math lets GCC compute both sides of a select (`keep ? t * w : 0`) and blend them: with FP traps
 # assumed, it left every such loop scalar and branchy (the TIES kernel ran 7x slower). Nothing here reads the
 # FP exception flags, and the values computed are the same.
-FLAGS = ("-O3", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd")
+FLAGS = ("-O3", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math")
 
 log = logging.getLogger("mergescope.native")
 _lock = threading.Lock()

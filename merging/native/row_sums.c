@@ -55,10 +55,53 @@ int64_t ms_row_sums_layout(int m, int64_t *offsets) {
     return at;
 }
 
+/* LANES float32 partial sums per reduction, kept in four AVX registers: with one accumulator (what `omp simd`
+ * reductions compiled to) every add waited on the one before, and the row sums ran latency-bound, 2x slower. */
+#define LANES 32
+
+static float lanes_total(const float *acc) {
+    float s = 0.0f;
+    for (int l = 0; l < LANES; l++) s += acc[l];
+    return s;
+}
+
+/* Zeros after a block's `len` converted values, up to the LANES multiple the loops run to: every field's
+ * contribution from a zero t_i, b and merged value is zero, so the padding changes no sum. */
+static void pad(float *buf, int len, int padded) {
+    for (int k = len; k < padded; k++) buf[k] = 0.0f;
+}
+
+/* Where t_i and a unified vector u agree in sign (t_i u > 0): the sums of |u|, u^2 and t_i u there, added to
+ * abs_masked, masked_sq and masked_dot; and, when count is given, how many agree and the plain sum of t_i u. */
+static void masked_sums(const float *restrict ti, const float *restrict u, int n, double *abs_masked,
+                        double *masked_sq, double *masked_dot, double *count, double *dot) {
+    float absm[LANES] = {0}, msq[LANES] = {0}, mdot[LANES] = {0}, all_dot[LANES] = {0};
+    int32_t agree[LANES] = {0};  /* an int count: a second float select on the same condition kept GCC scalar */
+    for (int k0 = 0; k0 < n; k0 += LANES)
+        for (int l = 0; l < LANES; l++) {
+            const int k = k0 + l;
+            const float p = ti[k] * u[k], um = p > 0.0f ? u[k] : 0.0f;  /* u where they agree, else 0 */
+            absm[l] += __builtin_fabsf(um);
+            msq[l] += um * um;
+            mdot[l] += ti[k] * um;
+            agree[l] += p > 0.0f;
+            all_dot[l] += p;
+        }
+    *abs_masked += lanes_total(absm);
+    *masked_sq += lanes_total(msq);
+    *masked_dot += lanes_total(mdot);
+    if (count) {
+        int64_t agreeing = 0;
+        for (int l = 0; l < LANES; l++) agreeing += agree[l];
+        *count += (double)agreeing;
+        *dot += lanes_total(all_dot);
+    }
+}
+
 /* Rows [begin, end) of the band, t_i = x_i - b: every field above, summed over the row's `cols` elements.
  * The trim keeps |t_i| > thr[i], and |t_i| == thr[i] for flat indices in the band below tie_end[i].
- * Sums run over blocks of BLOCK elements in float32 (vectorized: `omp simd` reductions, so their order is the
- * compiler's, fixed for a given build) and over blocks and rows in float64. */
+ * Sums run over blocks of BLOCK elements in float32, LANES at a time (so their order is fixed by the code, not
+ * the compiler), and over blocks and rows in float64. */
 void ms_row_sums(const ms_row_sums_args *a, int64_t begin, int64_t end) {
     const void *base = a->base, *const *x = a->x, *merged = a->merged, *uni = a->uni;
     const int32_t *dt = a->dt;
@@ -67,8 +110,7 @@ void ms_row_sums(const ms_row_sums_args *a, int64_t begin, int64_t end) {
     double *out = a->out;
     const int m = a->m, base_dt = a->base_dt, emr = a->emr, merged_dt = a->merged_dt, uni_dt = a->uni_dt;
     float b[BLOCK], v[BLOCK], t[MAX_INPUTS][BLOCK], kept[MAX_INPUTS][BLOCK], s1[BLOCK], s2[BLOCK], s3[BLOCK],
-          u[BLOCK];
-    int32_t pos[BLOCK], neg[BLOCK];
+          u[BLOCK], hi[BLOCK], lo[BLOCK];
     int64_t at[RS_FIELDS + 1];
     if (m > MAX_INPUTS) return;
     const int64_t k_out = ms_row_sums_layout(m, at);
@@ -76,135 +118,111 @@ void ms_row_sums(const ms_row_sums_args *a, int64_t begin, int64_t end) {
         double *row = out + r * k_out;
         for (int64_t j = 0; j < k_out; j++) row[j] = 0.0;
         for (int64_t c0 = 0; c0 < cols; c0 += BLOCK) {
-            int len = cols - c0 < BLOCK ? (int)(cols - c0) : BLOCK;
-            int64_t i0 = r * cols + c0;
-            float bsq = 0.0f;
+            const int len = cols - c0 < BLOCK ? (int)(cols - c0) : BLOCK, n = (len + LANES - 1) / LANES * LANES;
+            const int64_t i0 = r * cols + c0;
+            float acc[LANES] = {0}, acc2[LANES] = {0};
             to_f32(base, base_dt, i0, len, b);
-#pragma omp simd reduction(+ : bsq)
-            for (int k = 0; k < len; k++) bsq += b[k] * b[k];
-            row[at[RS_base_sq]] += bsq;
-            for (int k = 0; k < len; k++) {
-                pos[k] = neg[k] = 0;
-                s1[k] = s3[k] = 0.0f;
-            }
-            for (int i = 0; i < m; i++) {  /* norms, |t|, and the sign-conflict flags (some +, some -, # non-zero) */
-                float wsq = 0.0f, ab = 0.0f, *restrict ti = t[i];
+            pad(b, len, n);
+            for (int k0 = 0; k0 < n; k0 += LANES)
+                for (int l = 0; l < LANES; l++) acc[l] += b[k0 + l] * b[k0 + l];
+            row[at[RS_base_sq]] += lanes_total(acc);
+            for (int k = 0; k < n; k++) hi[k] = lo[k] = s1[k] = s3[k] = 0.0f;
+            /* norms, |t|, and what the sign conflicts need: the largest and smallest t_i, how many are non-zero
+             * (max/min rather than counts of each sign: counts compiled to masked stores, slow on AMD) */
+            for (int i = 0; i < m; i++) {
+                float *restrict ti = t[i];
                 to_f32(x[i], dt[i], i0, len, v);
-#pragma omp simd reduction(+ : wsq, ab)
-                for (int k = 0; k < len; k++) {
-                    float d = v[k] - b[k];
-                    wsq += v[k] * v[k];
-                    ti[k] = d;
-                    ab += d < 0 ? -d : d;
-                    pos[k] += d > 0.0f;  /* int counts: as float flags the compiler made them masked stores */
-                    neg[k] += d < 0.0f;
-                    s3[k] += d != 0.0f;
-                }
-                row[at[RS_weight_sq] + i] += wsq;
-                row[at[RS_abs] + i] += ab;
+                pad(v, len, n);
+                for (int l = 0; l < LANES; l++) acc[l] = acc2[l] = 0.0f;
+                for (int k0 = 0; k0 < n; k0 += LANES)
+                    for (int l = 0; l < LANES; l++) {
+                        const int k = k0 + l;
+                        float d = v[k] - b[k];
+                        acc[l] += v[k] * v[k];
+                        ti[k] = d;
+                        acc2[l] += __builtin_fabsf(d);
+                        hi[k] = d > hi[k] ? d : hi[k];
+                        lo[k] = d < lo[k] ? d : lo[k];
+                        s3[k] += d != 0.0f ? 1.0f : 0.0f;
+                    }
+                row[at[RS_weight_sq] + i] += lanes_total(acc);
+                row[at[RS_abs] + i] += lanes_total(acc2);
             }
             for (int i = 0; i < m; i++)
                 for (int j = i; j < m; j++) {
-                    float g = 0.0f;
                     const float *restrict ti = t[i], *restrict tj = t[j];
-#pragma omp simd reduction(+ : g)
-                    for (int k = 0; k < len; k++) g += ti[k] * tj[k];
+                    for (int l = 0; l < LANES; l++) acc[l] = 0.0f;
+                    for (int k0 = 0; k0 < n; k0 += LANES)
+                        for (int l = 0; l < LANES; l++) acc[l] += ti[k0 + l] * tj[k0 + l];
+                    const float g = lanes_total(acc);
                     row[at[RS_gram] + i * m + j] += g;
                     if (j != i) row[at[RS_gram] + j * m + i] += g;
                 }
-            {
-                float both = 0.0f, eligible = 0.0f;
-#pragma omp simd reduction(+ : both, eligible)
-                for (int k = 0; k < len; k++) {
-                    both += (float)((pos[k] > 0) & (neg[k] > 0));
-                    eligible += s3[k] >= 2.0f ? 1.0f : 0.0f;
-                    s1[k] = 0.0f;
+            for (int l = 0; l < LANES; l++) acc[l] = acc2[l] = 0.0f;
+            for (int k0 = 0; k0 < n; k0 += LANES)
+                for (int l = 0; l < LANES; l++) {
+                    const int k = k0 + l;
+                    acc[l] += hi[k] > 0.0f && lo[k] < 0.0f ? 1.0f : 0.0f;  /* both signs among the t_i */
+                    acc2[l] += s3[k] >= 2.0f ? 1.0f : 0.0f;
                 }
-                row[at[RS_both]] += both;
-                row[at[RS_eligible]] += eligible;
-            }
+            row[at[RS_both]] += lanes_total(acc);
+            row[at[RS_eligible]] += lanes_total(acc2);
             /* the trim, its elected sign (0 counts as +) and the |kept| mass against it */
             for (int i = 0; i < m; i++) {
                 int ties = ties_in_block(tie_end[i], i0, len);
                 const float ta = thr[i], *restrict ti = t[i];
                 float *restrict ki = kept[i];
-                for (int k = 0; k < len; k++) {
-                    float a = ti[k] < 0 ? -ti[k] : ti[k];
-                    ki[k] = a > ta || (a == ta && k < ties) ? ti[k] : 0.0f;
+                for (int k = 0; k < n; k++) {
+                    float mag = ti[k] < 0 ? -ti[k] : ti[k];
+                    ki[k] = mag > ta || (mag == ta && k < ties) ? ti[k] : 0.0f;
                     s1[k] += ki[k];
                 }
             }
-            for (int k = 0; k < len; k++) s1[k] = s1[k] >= 0.0f ? 1.0f : -1.0f;
-            {
-                float mass = 0.0f, against = 0.0f;
-                for (int i = 0; i < m; i++) {
-                    const float *restrict ki = kept[i];
-#pragma omp simd reduction(+ : mass, against)
-                    for (int k = 0; k < len; k++) {
+            for (int k = 0; k < n; k++) s1[k] = s1[k] >= 0.0f ? 1.0f : -1.0f;
+            for (int l = 0; l < LANES; l++) acc[l] = acc2[l] = 0.0f;
+            for (int i = 0; i < m; i++) {
+                const float *restrict ki = kept[i];
+                for (int k0 = 0; k0 < n; k0 += LANES)
+                    for (int l = 0; l < LANES; l++) {
+                        const int k = k0 + l;
                         float opposed = -ki[k] * s1[k];
-                        mass += ki[k] < 0 ? -ki[k] : ki[k];
-                        against += opposed > 0.0f ? opposed : 0.0f;
+                        acc[l] += __builtin_fabsf(ki[k]);
+                        acc2[l] += opposed > 0.0f ? opposed : 0.0f;
                     }
-                }
-                row[at[RS_mass]] += mass;
-                row[at[RS_against]] += against;
             }
+            row[at[RS_mass]] += lanes_total(acc);
+            row[at[RS_against]] += lanes_total(acc2);
             if (emr) {  /* EMR's election: sign of the sum (0 counts as -), the largest agreeing |t| */
-                float usq = 0.0f;
-                elect_unified(len, m, t, s1, s2, u);
-#pragma omp simd reduction(+ : usq)
-                for (int k = 0; k < len; k++) usq += u[k] * u[k];
-                row[at[RS_uni_sq]] += usq;
-                for (int i = 0; i < m; i++) {
-                    float count = 0.0f, absm = 0.0f, msq = 0.0f, dot = 0.0f, mdot = 0.0f;
-                    const float *restrict ti = t[i];
-#pragma omp simd reduction(+ : count, absm, msq, dot, mdot)
-                    for (int k = 0; k < len; k++) {
-                        float p = ti[k] * u[k];
-                        int on = p > 0.0f;
-                        count += on ? 1.0f : 0.0f;
-                        absm += on ? (u[k] < 0 ? -u[k] : u[k]) : 0.0f;
-                        msq += on ? u[k] * u[k] : 0.0f;
-                        dot += p;
-                        mdot += on ? p : 0.0f;
-                    }
-                    row[at[RS_count] + i] += count;
-                    row[at[RS_abs_masked] + i] += absm;
-                    row[at[RS_masked_sq] + i] += msq;
-                    row[at[RS_dot] + i] += dot;
-                    row[at[RS_masked_dot] + i] += mdot;
-                }
+                elect_unified(n, m, t, s1, s2, u);
+                for (int l = 0; l < LANES; l++) acc[l] = 0.0f;
+                for (int k0 = 0; k0 < n; k0 += LANES)
+                    for (int l = 0; l < LANES; l++) acc[l] += u[k0 + l] * u[k0 + l];
+                row[at[RS_uni_sq]] += lanes_total(acc);
+                for (int i = 0; i < m; i++)
+                    masked_sums(t[i], u, n, row + at[RS_abs_masked] + i, row + at[RS_masked_sq] + i,
+                                row + at[RS_masked_dot] + i, row + at[RS_count] + i, row + at[RS_dot] + i);
             }
             if (merged) {
                 to_f32(merged, merged_dt, i0, len, v);
+                pad(v, len, n);
                 for (int i = 0; i < m; i++) {
-                    float dist = 0.0f;
                     const float *restrict ti = t[i];
-#pragma omp simd reduction(+ : dist)
-                    for (int k = 0; k < len; k++) {
-                        float d = (v[k] - b[k]) - ti[k];
-                        dist += d * d;
-                    }
-                    row[at[RS_dist] + i] += dist;
+                    for (int l = 0; l < LANES; l++) acc[l] = 0.0f;
+                    for (int k0 = 0; k0 < n; k0 += LANES)
+                        for (int l = 0; l < LANES; l++) {
+                            const int k = k0 + l;
+                            float d = (v[k] - b[k]) - ti[k];
+                            acc[l] += d * d;
+                        }
+                    row[at[RS_dist] + i] += lanes_total(acc);
                 }
             }
             if (uni) {
                 to_f32(uni, uni_dt, i0, len, v);
-                for (int i = 0; i < m; i++) {
-                    float absm = 0.0f, msq = 0.0f, mdot = 0.0f;
-                    const float *restrict ti = t[i];
-#pragma omp simd reduction(+ : absm, msq, mdot)
-                    for (int k = 0; k < len; k++) {
-                        float p = ti[k] * v[k];
-                        int on = p > 0.0f;
-                        absm += on ? (v[k] < 0 ? -v[k] : v[k]) : 0.0f;
-                        msq += on ? v[k] * v[k] : 0.0f;
-                        mdot += on ? p : 0.0f;
-                    }
-                    row[at[RS_own_abs_masked] + i] += absm;
-                    row[at[RS_own_masked_sq] + i] += msq;
-                    row[at[RS_own_masked_dot] + i] += mdot;
-                }
+                pad(v, len, n);
+                for (int i = 0; i < m; i++)
+                    masked_sums(t[i], v, n, row + at[RS_own_abs_masked] + i, row + at[RS_own_masked_sq] + i,
+                                row + at[RS_own_masked_dot] + i, NULL, NULL);
             }
         }
     }
