@@ -216,7 +216,7 @@ def test_sampled_analysis_from_the_hub_equals_local_and_reads_few_bytes(world, m
     again = analyze(parse_config(ta_config("acme/base", "acme/ft0", "acme/ft1")), resolver=resolver(world),
                     **options)
     assert again["tensors"] == local["tensors"] and again["meta"]["bytes_read"] == local["meta"]["bytes_read"]
-    assert len(hub.requests) < requests / 4
+    assert len(hub.requests) < requests / 2  # runs of rows already take one request each
 
 
 def test_sampled_rows_read_far_fewer_bytes_than_the_file(world, monkeypatch):

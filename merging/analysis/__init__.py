@@ -37,7 +37,8 @@ With τ_i = θ_i − θ_base (float32, on the stored values):
   (the interference TSV-M removes) and the flatness of Σ τ_i's spectrum (what Iso-C flattens); exact SVDs up to a
   size, a streamed randomized SVD with its error bound above it.
 
-**Sampled mode** (``reader``) reads a seeded random subset of whole rows of each tensor. Sums are scaled by
+**Sampled mode** (``reader``) reads a seeded random subset of runs of consecutive whole rows of each tensor (one
+range request each on the Hub). Sums are scaled by
 rows / rows read (unbiased totals), so norms, cosines, NAN coefficients, rescalers and errors are estimates.
 Sparsifying methods and the trim then act on the sampled rows as if they were the tensor (their thresholds are
 estimated from the sample). Each rate gets a 95% confidence interval (``estimate``). Sampling is the default when

@@ -1,9 +1,11 @@
 """Ratio estimates with cluster-sampling intervals: the rates of a sampled analysis and their 95% intervals.
 
-A rate R = Σy / Σx is estimated from the rows read of each tensor: rows are the clusters (elements of a row are
-correlated, so a binomial interval over elements would be far too narrow), tensors the strata. Its variance is the
-Taylor-linearized variance of a ratio estimator under stratified cluster sampling, with the finite-population
-correction (an exact pass has zero width): the analytic counterpart of a cluster bootstrap over rows.
+A rate R = Σy / Σx is estimated from the clusters read of each tensor: a cluster is a run of consecutive rows (one
+row in an exact pass; ``RowSample.run`` rows in a sampled one, so that each range request fetches one cluster),
+elements of a cluster are correlated, so a binomial interval over elements would be far too narrow; tensors are
+the strata. Its variance is the Taylor-linearized variance of a ratio estimator under stratified cluster sampling,
+with the finite-population correction (an exact pass has zero width): the analytic counterpart of a cluster
+bootstrap over runs of rows.
 """
 
 from __future__ import annotations
@@ -65,22 +67,36 @@ class RatioStrata:
 
 
 class RowMoments:
-    """Accumulates one tensor's per-row moment sums chunk by chunk, then becomes a one-stratum RatioStrata."""
+    """Accumulates one tensor's per-cluster moment sums chunk by chunk, then becomes a one-stratum RatioStrata.
 
-    def __init__(self, rows: int, read: int, k: int) -> None:
-        self.rows, self.read = rows, read
+    ``rows``: the tensor's rows N, ``read``: the rows read, in clusters of ``run`` consecutive rows (the last one of
+    the tensor may be shorter, and then comes last); the strata count clusters: ⌈N / run⌉ and ⌈read / run⌉."""
+
+    def __init__(self, rows: int, read: int, k: int, run: int = 1) -> None:
+        self.rows, self.read, self.run = -(-rows // run), -(-read // run), run
         self.sums = np.zeros((len(MOMENTS), k))
 
     def add(self, y: torch.Tensor, x: torch.Tensor) -> None:
-        """``y``, ``x``: per-row values of shape (k, r) (or (r,) when x is shared by every ratio)."""
+        """``y``, ``x``: per-row values of shape (k, r) (or (r,) when x is shared by every ratio), for rows that
+        start a cluster and end one (or end the rows read)."""
         y = y.to(torch.float64)
         x = x.to(torch.float64).expand_as(y)
+        if self.run > 1:
+            y, x = _cluster_sums(y, self.run), _cluster_sums(x, self.run)
         parts = torch.stack([y.sum(-1), x.sum(-1), (y * y).sum(-1), (x * x).sum(-1), (x * y).sum(-1)])
         self.sums += parts.cpu().numpy().reshape(len(MOMENTS), -1)
 
     def strata(self) -> RatioStrata:
         return RatioStrata(np.array([float(self.rows)]), np.array([float(self.read)]),
                            *(self.sums[i][None, :].copy() for i in range(len(MOMENTS))))
+
+
+def _cluster_sums(values: torch.Tensor, run: int) -> torch.Tensor:
+    """(k, r) per-row values → (k, ⌈r / run⌉) sums over each run of ``run`` rows (the last may be shorter)."""
+    k, r = values.shape
+    padded = values.new_zeros(k, -(-r // run) * run)
+    padded[:, :r] = values
+    return padded.reshape(k, -1, run).sum(-1)
 
 
 def finite(x: float | np.floating | None) -> float | None:

@@ -37,7 +37,7 @@ from .spectral import SPECTRAL_ELEMENTS, attach, spectral_choice, tensor_spectru
 from .sums import TensorSums, tensor_sums
 from .trim import DEFAULT_TRIM_DENSITY, Trim, tensor_cuts, trim_densities, trims_by_config
 
-INTERVAL = ("95% Taylor-linearized ratio-estimator interval; rows are clusters, tensors strata, "
+INTERVAL = ("95% Taylor-linearized ratio-estimator interval; runs of consecutive rows are clusters, tensors strata, "
             "finite-population corrected")
 
 
@@ -240,7 +240,8 @@ def _unit_sums(executor: AnalysisExecutor, task: TensorTask, band, base, inputs,
     sums = tensor_sums(b, ms, rows=tensor_rows(task) if band is None else b.shape[0], trim=trim,
                        merged=None if several else merged, own_tau_uni=own_tau_uni, own_elected=own_elected,
                        emr_merged=not per_task, unified_method=shares_unified,
-                       numel=task.spec.numel if band is not None else None)
+                       numel=task.spec.numel if band is not None else None,
+                       run=executor.sample_run(task) if band is None else 1)
     return sums, several
 
 

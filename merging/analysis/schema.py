@@ -98,8 +98,9 @@ STATS_OBJECT: tuple[tuple[Key, str], ...] = (
 STATS_OBJECT_NOTE = ("A *stats object* (per-model lists have one entry per model; numbers are null where undefined, "
                      "e.g. a zero norm):")
 RATE_NOTE = ('A *rate* is `{"rate": r, "ci95": [low, high]}`; `ci95` is null in exact mode. In sampled mode it is a '
-             "95% interval from the linearized variance of a ratio estimator with rows as clusters and tensors as "
-             "strata.", "Sampled totals are scaled by rows / rows read.")  # each sentence group starts a line
+             "95% interval from the linearized variance of a ratio estimator with the runs of consecutive rows read "
+             "as clusters and tensors as strata.",
+             "Sampled totals are scaled by rows / rows read.")  # each sentence group starts a line
 
 
 def names(rows: tuple[tuple[Key, str], ...]) -> list[str]:

@@ -72,10 +72,11 @@ def tensor_sums(base: torch.Tensor, models: list[torch.Tensor], *, rows: int | N
                 trim_density: list[float] | None = None, trim: Trim | None = None,
                 merged: torch.Tensor | None = None, own_tau_uni: torch.Tensor | None = None,
                 own_elected: bool = False, emr_merged: bool = True, unified_method: bool = False,
-                numel: int | None = None) -> TensorSums:
+                numel: int | None = None, run: int = 1) -> TensorSums:
     """The sums of one tensor from ``base`` and ``models`` (the whole tensor, a band of it, or its rows read).
 
-    ``rows``: the tensor's full row count (default: the rows given, i.e. an exact pass). ``trim``: each model's
+    ``rows``: the tensor's full row count (default: the rows given, i.e. an exact pass); ``run``: the rows given
+    come in clusters of this many consecutive rows (a sampled tensor's ``RowSample.run``). ``trim``: each model's
     trim of these rows; without it the rows given are trimmed as a whole tensor at ``trim_density`` (per model,
     default 0.2). ``numel``: the whole tensor's size when this is a band of it. ``merged``: the configured method's
     result on the same rows (for the distance). ``unified_method``: the method shares one task vector; then
@@ -101,8 +102,8 @@ def tensor_sums(base: torch.Tensor, models: list[torch.Tensor], *, rows: int | N
     def over_rows(per_row: torch.Tensor) -> torch.Tensor:
         return per_row.to(torch.float64).sum(dim=0).cpu()
 
-    conflict, trimmed = RowMoments(rows, read, 1), RowMoments(rows, read, 1)
-    mask, rescale = RowMoments(rows, read, n_models), RowMoments(rows, read, n_models)
+    conflict, trimmed = RowMoments(rows, read, 1, run), RowMoments(rows, read, 1, run)
+    mask, rescale = RowMoments(rows, read, n_models, run), RowMoments(rows, read, n_models, run)
     base_sq = torch.zeros((), dtype=torch.float64)
     weight_sq = torch.zeros(n_models, dtype=torch.float64)
     gram = torch.zeros(n_models, n_models, dtype=torch.float64)
@@ -112,7 +113,8 @@ def tensor_sums(base: torch.Tensor, models: list[torch.Tensor], *, rows: int | N
     own = torch.zeros(7, n_models, dtype=torch.float64)
     fused = native.usable(b.device, b, *ms) and read > 0 and cols > 0 and n_models <= native.MAX_INPUTS
     kept = None if fused else [trim.keep(i, (m - b).abs_()) for i, m in enumerate(ms)]
-    step = read if fused else max(1, CHUNK_ELEMENTS // max(cols, 1))  # the fused kernel takes every row at once
+    # the fused kernel takes every row at once; torch's chunks hold whole clusters
+    step = read if fused else -(-max(1, CHUNK_ELEMENTS // max(cols, 1)) // run) * run
     for r0 in range(0, read, step):
         r1 = min(read, r0 + step)
         if fused:
