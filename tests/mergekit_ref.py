@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -114,20 +115,36 @@ print("FAILED-JSON " + json.dumps(failed))
 """
 
 
-def run_mergekit_batch(jobs: list[tuple[str, str, str, list[str]]], flags=MERGEKIT_FLAGS,
-                       timeout: float = 500) -> dict[str, str]:
-    """Run many ``mergekit-yaml CONFIG OUT`` in one Python process (mergekit's imports cost seconds each time):
-    ``jobs`` are (name, config path, output folder, extra flags); returns {name: traceback} for those that
-    failed."""
+def start_mergekit_batch(jobs: list[tuple[str, str, str, list[str]]], flags=MERGEKIT_FLAGS,
+                         timeout: float = 500) -> Callable[[], dict[str, str]]:
+    """Start many ``mergekit-yaml CONFIG OUT`` in the background, in one Python process per core (mergekit's imports
+    cost seconds each time, so each process takes a share of the jobs), while our own merges of the same configs
+    run meanwhile: ``jobs`` are (name, config path, output folder, extra flags). Returns a function that waits for
+    the batch and returns {name: traceback} for the jobs that failed."""
     import json
 
     env = {**mergekit_env(), "OMP_NUM_THREADS": "1"}  # tiny models: one thread is several times faster
-    proc = subprocess.run([sys.executable, "-c", _BATCH_RUNNER, json.dumps([list(j) for j in jobs]),
-                           json.dumps(list(flags))], env=env, capture_output=True, text=True, timeout=timeout)
-    marker = [line for line in proc.stdout.splitlines() if line.startswith("FAILED-JSON ")]
-    if proc.returncode != 0 or not marker:
-        raise RuntimeError(f"mergekit batch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(marker[-1].removeprefix("FAILED-JSON "))
+    shares = [jobs[k::max(1, os.cpu_count() or 1)] for k in range(max(1, os.cpu_count() or 1))]
+    procs = [subprocess.Popen([sys.executable, "-c", _BATCH_RUNNER, json.dumps([list(j) for j in share]),
+                               json.dumps(list(flags))], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for share in shares if share]
+
+    def failed() -> dict[str, str]:
+        found: dict[str, str] = {}
+        try:
+            for proc in procs:
+                stdout, stderr = proc.communicate(timeout=timeout)
+                marker = [line for line in stdout.splitlines() if line.startswith("FAILED-JSON ")]
+                if proc.returncode != 0 or not marker:
+                    raise RuntimeError(f"mergekit batch failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+                found.update(json.loads(marker[-1].removeprefix("FAILED-JSON ")))
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+        return found
+
+    return failed
 
 
 def write_config(path: str | os.PathLike, config: dict) -> Path:

@@ -22,7 +22,7 @@ from collections import Counter
 import pytest
 import torch
 from mergekit_configs import build_models, cases
-from mergekit_ref import load_output, run_mergekit_batch, write_config
+from mergekit_ref import load_output, start_mergekit_batch, write_config
 from real_models import one_torch_thread
 
 from merging.architectures import runtime_names
@@ -65,7 +65,7 @@ EXPECTED: dict[str, tuple[str, str]] = {
     "della_invalid_epsilon": ("both refuse", "epsilon outside (0, 1 − density)"),
     "tokenizer_legacy": ("both refuse", "vocabularies of 64 and 66 rows without a tokenizer_source"),
 }
-REFUSAL_TEXT: dict[str, str] = {}  # reason -> the words of our refusal (a case we refuse is not run by mergekit)
+REFUSAL_TEXT: dict[str, str] = {}  # reason -> the words of our refusal
 CHAT = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
 
 
@@ -74,18 +74,19 @@ def results(tmp_path_factory, one_torch_thread):
     root = tmp_path_factory.mktemp("mergekit-configs")
     models = build_models(root / "models")
     all_cases = cases(models)
-    jobs, ours = [], {}
-    for name, (_, cfg) in all_cases.items():
-        path = write_config(root / f"{name}.yml", cfg)  # through YAML, as a user's file (safe_dump's aliases too)
+    # through YAML, as a user's file (safe_dump's aliases too)
+    paths = {name: write_config(root / f"{name}.yml", cfg) for name, (_, cfg) in all_cases.items()}
+    mergekit_failed = start_mergekit_batch([(name, str(path), str(root / f"mk_{name}"), [])
+                                            for name, path in paths.items()],
+                                           flags=("--no-write-model-card", "--quiet"))
+    ours = {}
+    for name, path in paths.items():
         try:
             run_merge(load_config(str(path)), root / f"ours_{name}", device="cpu")
             ours[name] = None
         except MergeError as exc:
             ours[name] = str(exc)
-        # what we refuse on purpose, mergekit runs (these are its own passing tests): not run again here
-        if not (ours[name] and any(text in ours[name] for text in REFUSAL_TEXT.values())):
-            jobs.append((name, str(path), str(root / f"mk_{name}"), []))
-    failed = run_mergekit_batch(jobs, flags=("--no-write-model-card", "--quiet"))
+    failed = mergekit_failed()
     return {name: outcome(name, cfg, ours[name], failed.get(name), root) for name, (_, cfg) in all_cases.items()}
 
 

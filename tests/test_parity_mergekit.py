@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-from mergekit_ref import MERGEKIT_FLAGS, load_output, mergekit_env, write_config, write_llama_checkpoint
+from mergekit_ref import load_output, start_mergekit_batch, write_config, write_llama_checkpoint
 
 from merging.config import config_from_dict
 from merging.engine import run_merge
@@ -26,20 +24,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 LAYERS = 4  # anchors [a, b, c] then fall between their points: t = 0, 1/3, 2/3, 1
 TOLERANCE = 1e-5
-
-_BATCH_RUNNER = r"""
-import json, sys, traceback
-from mergekit.scripts.run_yaml import main
-jobs, flags = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-failed = {}
-for name, config, out in jobs:
-    try:
-        main.main([config, out, *flags], standalone_mode=False)
-    except BaseException:
-        failed[name] = traceback.format_exc()
-print("FAILED-JSON " + json.dumps(failed))
-"""
-
 
 def _cases(m: dict[str, str]) -> dict[str, dict]:
     """Every parity config, keyed by case name; ``m`` maps base/ft0/ft1/ft2 to folders."""
@@ -151,18 +135,14 @@ def parity(tmp_path_factory):
                                                    layers=LAYERS)
     folders = {name: str(root / name) for name in tensors}
     cases = _cases(folders)
-    jobs = []
-    for name, cfg in cases.items():
-        jobs.append([name, str(write_config(root / f"{name}.yml", cfg)), str(root / f"mk_{name}")])
-    proc = subprocess.run([sys.executable, "-c", _BATCH_RUNNER, json.dumps(jobs), json.dumps(list(MERGEKIT_FLAGS))],
-                          env=mergekit_env(), capture_output=True, text=True, timeout=500)
-    marker = [line for line in proc.stdout.splitlines() if line.startswith("FAILED-JSON ")]
-    assert proc.returncode == 0 and marker, f"mergekit batch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    failed = json.loads(marker[-1].removeprefix("FAILED-JSON "))
+    mergekit_failed = start_mergekit_batch([(name, str(write_config(root / f"{name}.yml", cfg)),
+                                             str(root / f"mk_{name}"), []) for name, cfg in cases.items()])
+    for name, cfg in cases.items():  # ours while mergekit runs
+        run_merge(config_from_dict(cfg, source=name), root / f"ours_{name}", device="cpu")
+    failed = mergekit_failed()
     results = {}
-    for name, cfg in cases.items():
+    for name in cases:
         ours_dir = root / f"ours_{name}"
-        run_merge(config_from_dict(cfg, source=name), ours_dir, device="cpu")
         mk_dir = root / f"mk_{name}"
         results[name] = (load_output(ours_dir), failed.get(name) or load_output(mk_dir), ours_dir, mk_dir)
     return results, tensors

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mergekit_ref import load_output, run_mergekit_batch, write_config
+from mergekit_ref import load_output, start_mergekit_batch, write_config
 from real_models import ARCHS, build_family, load, one_torch_thread, outputs, train
 
 from merging import CompatibilityError, ConfigError, parse_config, run_merge
@@ -57,17 +57,18 @@ def world(tmp_path_factory, one_torch_thread):
     REPORT.unlink(missing_ok=True)
     families = {name: build_family(root / name, name) for name in ARCHS}
     extra = _extra_inputs(root, families)
-    jobs, ours = [], {}
-    for name, (base, (a, b)) in families.items():
-        for method in METHODS:
-            cfg = method_config(method, str(base), str(a), str(b))
-            case = f"{name}-{method}"
-            jobs.append((case, str(write_config(root / f"{case}.yml", cfg)), str(root / f"mk-{case}"), []))
-            run_merge(config_from_dict(cfg, source=case), root / f"ours-{case}", device="cpu")
-            ours[case] = root / f"ours-{case}"
+    configs = {f"{name}-{method}": method_config(method, str(base), str(a), str(b))
+               for name, (base, (a, b)) in families.items() for method in METHODS}
+    jobs = [(case, str(write_config(root / f"{case}.yml", cfg)), str(root / f"mk-{case}"), [])
+            for case, cfg in configs.items()]
     for case, cfg, flags in _extra_jobs(families, extra):
         jobs.append((case, str(write_config(root / f"{case}.yml", cfg)), str(root / f"mk-{case}"), flags))
-    failed = run_mergekit_batch(jobs)
+    mergekit_failed = start_mergekit_batch(jobs)  # in the background while ours run
+    ours = {}
+    for case, cfg in configs.items():
+        run_merge(config_from_dict(cfg, source=case), root / f"ours-{case}", device="cpu")
+        ours[case] = root / f"ours-{case}"
+    failed = mergekit_failed()
     return {"root": root, "families": families, "extra": extra, "ours": ours, "failed": failed}
 
 
