@@ -62,7 +62,7 @@ def _best(runs: list[dict], key: str = "wall") -> dict:
 
 def bench_hub(shape: Shape, methods: list[str], links: list[LinkShape], repeat: int, workdir: Path,
               sample: float = 0.05) -> dict:
-    base, tunes = write_models(workdir / "models", shape)
+    base, tunes = write_models(workdir / "hub-models", shape)  # not `bench`'s models: each would rewrite the other's
     repos = {"bench/base": base, **{f"bench/ft{k}": t for k, t in enumerate(tunes)}}
     input_bytes = sum(f.stat().st_size for d in repos.values() for f in d.glob("*.safetensors"))
     rows, analyses = [], []
