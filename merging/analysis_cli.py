@@ -94,8 +94,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the row sample (default 0)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--spectral-elements", type=int, default=None, metavar="N",
-                   help="elements of large matrices given randomized SVDs in an exact pass (default 2^26; the rest: "
-                        "every k-th)")
+                   help="elements of large matrices given SVDs (default 2^25 in an exact pass, 2^23 read in a "
+                        "sampled one; past it, every k-th block matrix)")
     budget.add_flag(p)
     p.add_argument("--allow-pickle", action="store_true",
                    help="load PyTorch pickles with torch.load(weights_only=True)")

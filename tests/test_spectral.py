@@ -136,6 +136,37 @@ def test_an_exact_pass_gives_randomized_svds_to_every_kth_block_matrix_within_it
     assert "3 of the 13 matrices" in note and "every 4th" in note
 
 
+def test_a_sampled_pass_counts_its_budget_in_the_elements_it_reads():
+    """In sampled mode the SVDs are of the sampled rows: the budget counts those, and the note says so."""
+    from types import SimpleNamespace
+
+    from merging.analysis.spectral import EXACT_ELEMENTS, spectral_choice
+
+    big = 2 * EXACT_ELEMENTS
+    tasks = [SimpleNamespace(name=f"model.layers.{i}.mlp.up_proj.weight", spec=SimpleNamespace(shape=(2, big // 2),
+                                                                                                 numel=big))
+             for i in range(12)]
+    read = {t.name: big // 20 for t in tasks}  # 5 % of each
+    assert spectral_choice(tasks, budget=big, read_elements=lambda t: read[t.name]) == (None, None)
+    chosen, note = spectral_choice(tasks, budget=big // 10, read_elements=lambda t: read[t.name])
+    assert chosen == {f"model.layers.{i}.mlp.up_proj.weight" for i in (0, 6)}
+    assert "SVDs of the sampled rows of 2 of the 12 matrices" in note and "every 6th" in note and "read" in note
+
+
+def test_a_sampled_analysis_over_its_spectral_budget_leaves_the_other_matrices_out(tmp_path, monkeypatch):
+    from checkpoints import write_family
+
+    monkeypatch.setattr(spectral, "EXACT_ELEMENTS", 1000)  # the MLP matrices (64 x 256) count as large
+    base, tunes = write_family(tmp_path / "m", n_models=2, hidden=64, intermediate=256, vocab=256, layers=4)
+    stats = analyze(_config(base, tunes), sample=0.25, whole_tensor_bytes=0, spectral_elements=20_000)
+    note = next(n for n in stats["meta"]["notes"] if n.startswith("spectral diagnostics"))
+    assert "SVDs of the sampled rows of" in note
+    with_spectra = {t["name"] for t in stats["tensors"] if t.get("spectral")}
+    mlp = {t["name"] for t in stats["tensors"] if ".mlp." in t["name"]}
+    assert 0 < len(with_spectra & mlp) < len(mlp)
+    assert all(t["spectral"]["method"] == "sampled" for t in stats["tensors"] if t.get("spectral"))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_kernels_give_the_randomized_passes_the_task_matrices_torch_computes(tmp_path, monkeypatch, dtype):
     """The passes' task matrices come from the fused kernels on the stored inputs, or from torch on float32 copies

@@ -33,7 +33,7 @@ from .reader import (
     tensor_rows,
 )
 from .schema import SCHEMA_VERSION
-from .spectral import SPECTRAL_ELEMENTS, attach, spectral_choice, tensor_spectrum
+from .spectral import SAMPLED_SPECTRAL_ELEMENTS, SPECTRAL_ELEMENTS, attach, spectral_choice, tensor_spectrum
 from .sums import TensorSums, tensor_sums
 from .trim import DEFAULT_TRIM_DENSITY, Trim, tensor_cuts, trim_densities, trims_by_config
 
@@ -53,7 +53,7 @@ class Request:
     cancel: Callable[[], bool] | None = None
     sample_threshold_bytes: int = SAMPLE_THRESHOLD_BYTES
     whole_tensor_bytes: int = WHOLE_TENSOR_BYTES
-    spectral_elements: int = SPECTRAL_ELEMENTS
+    spectral_elements: int | None = None  # None: SPECTRAL_ELEMENTS, or SAMPLED_SPECTRAL_ELEMENTS when sampled
 
     def fraction(self, bytes_total: int) -> float:
         """The fraction of rows read: 1 for an exact pass."""
@@ -68,7 +68,7 @@ def analyze(config: MergeConfig, *, exact: bool = False, sample: float | None = 
             device: str = "cpu", progress: Callable | None = None, cancel: Callable[[], bool] | None = None,
             resolver=None, allow_pickle: bool = False, sample_threshold_bytes: int = SAMPLE_THRESHOLD_BYTES,
             whole_tensor_bytes: int = WHOLE_TENSOR_BYTES, time_budget: float | None = None,
-            spectral_elements: int = SPECTRAL_ELEMENTS) -> dict[str, Any]:
+            spectral_elements: int | None = None) -> dict[str, Any]:
     """The diagnostics of ``config`` as a JSON-ready dict (schema: ``JSON_SCHEMA_DOC``).
 
     ``exact`` forces a full pass; ``sample`` (0 < fraction ≤ 1) samples that fraction of rows; neither: exact up to
@@ -108,7 +108,10 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], request:
     model_statistics(executor)  # e.g. TIES' global top-k threshold (`topk_scope: model`), before anything else
     passes = 2 if _needs_reduction(executor) else 1
     nonfinite = NonFinite(False, plan.method.name)
-    chosen, spectral_note = spectral_choice(tasks, request.spectral_elements) if fraction == 1 else (None, None)
+    spectral_budget = request.spectral_elements
+    if spectral_budget is None:
+        spectral_budget = SPECTRAL_ELEMENTS if fraction == 1 else SAMPLED_SPECTRAL_ELEMENTS
+    chosen, spectral_note = spectral_choice(tasks, spectral_budget, None if fraction == 1 else executor.read_elements)
     if spectral_note:
         notes.append(spectral_note)
     nonfinite.count_inputs = True  # a statistic over a NaN input is NaN or silently short: always say so

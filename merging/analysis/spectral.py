@@ -39,6 +39,9 @@ EXACT_ELEMENTS = 1 << 20
 # times its merge. Above this many elements of such tensors, only the blocks' matrices are taken, every k-th
 # (spread over the layers), so the analysis stays near a merge's cost; ``--spectral-elements`` moves the budget.
 SPECTRAL_ELEMENTS = 1 << 25
+# A sampled analysis is the quick look: exact SVDs of its sampled rows took 80 % of it on the bench model, so its
+# budget (elements read) is a quarter of an exact pass's.
+SAMPLED_SPECTRAL_ELEMENTS = 1 << 23
 TOP_FRACTIONS = (("energy_top_1", 0.01), ("energy_top_5", 0.05))
 OVERLAP_FRACTION = 0.05
 OVERSAMPLE = 10
@@ -191,18 +194,25 @@ def randomized_spectrum(found: dict, rank: int, sampled: bool) -> dict | None:
     return _summary(svds, energies, rank, "sampled" if sampled else "randomized", None if sampled else bounds)
 
 
-def spectral_choice(tasks, budget: int = SPECTRAL_ELEMENTS) -> tuple[set[str] | None, str | None]:
+def spectral_choice(tasks, budget: int = SPECTRAL_ELEMENTS, read_elements=None) -> tuple[set[str] | None, str | None]:
     """The tensors above ``EXACT_ELEMENTS`` whose spectrum is computed (None: all of them), and a note when some are
-    left out: every k-th block matrix in plan order, k the smallest that keeps their elements within ``budget``."""
+    left out: every k-th block matrix in plan order, k the smallest that keeps their elements within ``budget``.
+
+    ``read_elements(task)``: in sampled mode, the elements read of a tensor (its sampled rows), which its SVDs are
+    of; the budget then counts those (exact SVDs of samples cost as much per element as the randomized passes, and a
+    7 B model's 5 % is ten budgets)."""
     large = [t for t in tasks if len(t.spec.shape) == 2 and min(t.spec.shape) >= 2 and t.spec.numel > EXACT_ELEMENTS]
-    total = sum(t.spec.numel for t in large)
-    if total <= budget:
+    size = read_elements or (lambda t: t.spec.numel)
+    if sum(size(t) for t in large) <= budget:
         return None, None
     blocks = [t for t in large if layer_index(t.name) is not None]  # not the vocabulary's embeddings and head
-    step = math.ceil(sum(t.spec.numel for t in blocks) / max(budget, 1))
+    step = math.ceil(sum(size(t) for t in blocks) / max(budget, 1))
     chosen = {t.name for t in blocks[::step]}
-    note = (f"spectral diagnostics: randomized SVDs of {len(chosen)} of the {len(large)} matrices above "
-            f"{EXACT_ELEMENTS:,} elements (every {step}th block matrix, within {budget:,} elements; "
+    what = "randomized SVDs" if read_elements is None else "SVDs of the sampled rows"
+    every = {1: "every", 2: "every 2nd", 3: "every 3rd"}.get(step, f"every {step}th")
+    read = "" if read_elements is None else " read"
+    note = (f"spectral diagnostics: {what} of {len(chosen)} of the {len(large)} matrices above "
+            f"{EXACT_ELEMENTS:,} elements ({every} block matrix, within {budget:,} elements{read}; "
             "--spectral-elements raises it); the per-layer and model figures are over those")
     return chosen, note
 
@@ -216,12 +226,12 @@ def tensor_spectrum(executor, task, reduced, band, base, inputs, seed: int,
     if len(shape) != 2 or min(shape) < 2 or task.shared_rows is not None:
         return None
     sampled = task.name in getattr(executor, "sampled_rows", {})
+    if chosen is not None and task.spec.numel > EXACT_ELEMENTS and task.name not in chosen:  # over the budget
+        return None
     if band is None and math.prod(shape) <= EXACT_ELEMENTS:
         b, ms = executor.inputs(task, base, inputs)
         with native.torch_cores():
             return exact_spectrum(b, ms, sampled)
-    if chosen is not None and task.name not in chosen:  # over the budget of randomized SVDs
-        return None
     with native.torch_cores():
         found = executor.tensor_stats(task, reduced, passes=RANDOMIZED_PASSES, params={"seed": seed},
                                       first=(band, (base, inputs)))
