@@ -26,7 +26,9 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -115,36 +117,48 @@ print("FAILED-JSON " + json.dumps(failed))
 """
 
 
-def start_mergekit_batch(jobs: list[tuple[str, str, str, list[str]]], flags=MERGEKIT_FLAGS,
-                         timeout: float = 500) -> Callable[[], dict[str, str]]:
-    """Start many ``mergekit-yaml CONFIG OUT`` in the background, in one Python process per core (mergekit's imports
-    cost seconds each time, so each process takes a share of the jobs), while our own merges of the same configs
-    run meanwhile: ``jobs`` are (name, config path, output folder, extra flags). Returns a function that waits for
-    the batch and returns {name: traceback} for the jobs that failed."""
+@contextmanager
+def mergekit_batch(jobs: list[tuple[str, str, str, list[str]]], flags=MERGEKIT_FLAGS, timeout: float = 500):
+    """Many ``mergekit-yaml CONFIG OUT`` in the background, one Python process per core (mergekit's imports cost
+    seconds each time, so each process takes a share of the jobs), while the block runs our own merges of the same
+    configs: ``jobs`` are (name, config path, output folder, extra flags). Yields a function that waits for the
+    batch and returns {name: traceback} for the jobs that failed; processes still running when the block ends (it
+    raised) are killed."""
     import json
 
     env = {**mergekit_env(), "OMP_NUM_THREADS": "1"}  # tiny models: one thread is several times faster
-    shares = [jobs[k::max(1, os.cpu_count() or 1)] for k in range(max(1, os.cpu_count() or 1))]
-    procs = [subprocess.Popen([sys.executable, "-c", _BATCH_RUNNER, json.dumps([list(j) for j in share]),
-                               json.dumps(list(flags))], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for share in shares if share]
+    cores = max(1, os.cpu_count() or 1)
+    with ExitStack() as files:
+        procs = []
+        for share in (jobs[k::cores] for k in range(cores)):
+            if share:  # output to files, not pipes: a pipe nobody reads for a minute stalls its writer
+                out, err = files.enter_context(tempfile.TemporaryFile("w+")), files.enter_context(
+                    tempfile.TemporaryFile("w+"))
+                procs.append((subprocess.Popen([sys.executable, "-c", _BATCH_RUNNER, json.dumps([list(j) for j in share]),
+                                                json.dumps(list(flags))], env=env, stdout=out, stderr=err, text=True),
+                              out, err))
 
-    def failed() -> dict[str, str]:
-        found: dict[str, str] = {}
-        try:
-            for proc in procs:
-                stdout, stderr = proc.communicate(timeout=timeout)
+        def failed() -> dict[str, str]:
+            found: dict[str, str] = {}
+            deadline = time.monotonic() + timeout
+            for proc, out, err in procs:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                out.seek(0)
+                err.seek(0)
+                stdout, stderr = out.read(), err.read()
                 marker = [line for line in stdout.splitlines() if line.startswith("FAILED-JSON ")]
                 if proc.returncode != 0 or not marker:
                     raise RuntimeError(f"mergekit batch failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
                 found.update(json.loads(marker[-1].removeprefix("FAILED-JSON ")))
+            return found
+
+        try:
+            yield failed
         finally:
-            for proc in procs:
+            for proc, _, _ in procs:
                 if proc.poll() is None:
                     proc.kill()
-        return found
-
-    return failed
+                    proc.wait()
 
 
 def write_config(path: str | os.PathLike, config: dict) -> Path:

@@ -22,7 +22,7 @@ from collections import Counter
 import pytest
 import torch
 from mergekit_configs import build_models, cases
-from mergekit_ref import load_output, start_mergekit_batch, write_config
+from mergekit_ref import load_output, mergekit_batch, write_config
 from real_models import one_torch_thread
 
 from merging.architectures import runtime_names
@@ -76,17 +76,16 @@ def results(tmp_path_factory, one_torch_thread):
     all_cases = cases(models)
     # through YAML, as a user's file (safe_dump's aliases too)
     paths = {name: write_config(root / f"{name}.yml", cfg) for name, (_, cfg) in all_cases.items()}
-    mergekit_failed = start_mergekit_batch([(name, str(path), str(root / f"mk_{name}"), [])
-                                            for name, path in paths.items()],
-                                           flags=("--no-write-model-card", "--quiet"))
     ours = {}
-    for name, path in paths.items():
-        try:
-            run_merge(load_config(str(path)), root / f"ours_{name}", device="cpu")
-            ours[name] = None
-        except MergeError as exc:
-            ours[name] = str(exc)
-    failed = mergekit_failed()
+    with mergekit_batch([(name, str(path), str(root / f"mk_{name}"), []) for name, path in paths.items()],
+                        flags=("--no-write-model-card", "--quiet")) as mergekit_failed:
+        for name, path in paths.items():
+            try:
+                run_merge(load_config(str(path)), root / f"ours_{name}", device="cpu")
+                ours[name] = None
+            except MergeError as exc:
+                ours[name] = str(exc)
+        failed = mergekit_failed()
     return {name: outcome(name, cfg, ours[name], failed.get(name), root) for name, (_, cfg) in all_cases.items()}
 
 

@@ -59,9 +59,15 @@ def _run_all(root: Path, *commands: tuple[str, ...]) -> list[subprocess.Complete
     procs = [subprocess.Popen([sys.executable, *args], cwd=root, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for args in commands]
     done = []
-    for args, proc in zip(commands, procs):
-        stdout, stderr = proc.communicate(timeout=300)
-        done.append(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
+    try:
+        for args, proc in zip(commands, procs):
+            stdout, stderr = proc.communicate(timeout=300)
+            done.append(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return done
 
 

@@ -298,3 +298,19 @@ def test_the_row_sums_layout_is_the_one_c_reports():
     tau = torch.stack([m.float() - base.float() for m in models], dim=1)
     assert torch.allclose(sums["gram"], torch.bmm(tau, tau.transpose(1, 2)).double(), rtol=1e-5)
     assert torch.allclose(sums["abs"], tau.abs().sum(dim=-1).double(), rtol=1e-5)
+
+
+@needs_compiler
+def test_an_infinite_task_vector_against_the_election_adds_nothing_to_its_masked_sums():
+    """τ_0 = +inf and τ_1 = −inf at one element: the election takes τ_1's side, so the element is outside M_0 and
+    adds 0 to model 0's masked sums, as a huge finite pair does (an infinite τ times a masked-out 0 is NaN)."""
+    torch.manual_seed(0)
+    base = torch.zeros(2, 70)
+    models = [torch.randn(2, 70), torch.randn(2, 70)]
+    found = {}
+    for label, value in (("infinite", float("inf")), ("huge", 1e30)):
+        pair = [m.clone() for m in models]
+        pair[0][0, 0], pair[1][0, 0] = value, -value
+        found[label] = ops.row_sums(base, pair, [(0.0, -1)] * 2, True, None, pair[0] * 0.5)
+    for field in ("masked_dot", "own_masked_dot", "abs_masked", "count"):
+        assert torch.equal(found["infinite"][field][:, 0], found["huge"][field][:, 0]), field

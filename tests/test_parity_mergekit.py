@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from mergekit_ref import load_output, start_mergekit_batch, write_config, write_llama_checkpoint
+from mergekit_ref import load_output, mergekit_batch, write_config, write_llama_checkpoint
 
 from merging.config import config_from_dict
 from merging.engine import run_merge
@@ -135,11 +135,11 @@ def parity(tmp_path_factory):
                                                    layers=LAYERS)
     folders = {name: str(root / name) for name in tensors}
     cases = _cases(folders)
-    mergekit_failed = start_mergekit_batch([(name, str(write_config(root / f"{name}.yml", cfg)),
-                                             str(root / f"mk_{name}"), []) for name, cfg in cases.items()])
-    for name, cfg in cases.items():  # ours while mergekit runs
-        run_merge(config_from_dict(cfg, source=name), root / f"ours_{name}", device="cpu")
-    failed = mergekit_failed()
+    with mergekit_batch([(name, str(write_config(root / f"{name}.yml", cfg)), str(root / f"mk_{name}"), [])
+                         for name, cfg in cases.items()]) as mergekit_failed:
+        for name, cfg in cases.items():  # ours while mergekit runs
+            run_merge(config_from_dict(cfg, source=name), root / f"ours_{name}", device="cpu")
+        failed = mergekit_failed()
     results = {}
     for name in cases:
         ours_dir = root / f"ours_{name}"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mergekit_ref import load_output, start_mergekit_batch, write_config
+from mergekit_ref import load_output, mergekit_batch, write_config
 from real_models import ARCHS, build_family, load, one_torch_thread, outputs, train
 
 from merging import CompatibilityError, ConfigError, parse_config, run_merge
@@ -63,12 +63,12 @@ def world(tmp_path_factory, one_torch_thread):
             for case, cfg in configs.items()]
     for case, cfg, flags in _extra_jobs(families, extra):
         jobs.append((case, str(write_config(root / f"{case}.yml", cfg)), str(root / f"mk-{case}"), flags))
-    mergekit_failed = start_mergekit_batch(jobs)  # in the background while ours run
     ours = {}
-    for case, cfg in configs.items():
-        run_merge(config_from_dict(cfg, source=case), root / f"ours-{case}", device="cpu")
-        ours[case] = root / f"ours-{case}"
-    failed = mergekit_failed()
+    with mergekit_batch(jobs) as mergekit_failed:  # in the background while ours run
+        for case, cfg in configs.items():
+            run_merge(config_from_dict(cfg, source=case), root / f"ours-{case}", device="cpu")
+            ours[case] = root / f"ours-{case}"
+        failed = mergekit_failed()
     return {"root": root, "families": families, "extra": extra, "ours": ours, "failed": failed}
 
 

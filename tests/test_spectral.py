@@ -151,6 +151,8 @@ def test_a_sampled_pass_counts_its_budget_in_the_elements_it_reads():
     chosen, note = spectral_choice(tasks, budget=big // 10, read_elements=lambda t: read[t.name])
     assert chosen == {f"model.layers.{i}.mlp.up_proj.weight" for i in (0, 6)}
     assert "SVDs of the sampled rows of 2 of the 12 matrices" in note and "every 6th" in note and "read" in note
+    vocabulary = [SimpleNamespace(name="model.embed_tokens.weight", spec=SimpleNamespace(shape=(2, big), numel=big))]
+    assert spectral_choice(vocabulary, budget=10)[0] == set()  # over the budget, and no block matrix to take
 
 
 def test_a_sampled_analysis_over_its_spectral_budget_leaves_the_other_matrices_out(tmp_path, monkeypatch):

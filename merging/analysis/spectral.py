@@ -206,7 +206,7 @@ def spectral_choice(tasks, budget: int = SPECTRAL_ELEMENTS, read_elements=None) 
     if sum(size(t) for t in large) <= budget:
         return None, None
     blocks = [t for t in large if layer_index(t.name) is not None]  # not the vocabulary's embeddings and head
-    step = math.ceil(sum(size(t) for t in blocks) / max(budget, 1))
+    step = max(1, math.ceil(sum(size(t) for t in blocks) / max(budget, 1)))  # no block matrices: none chosen
     chosen = {t.name for t in blocks[::step]}
     what = "randomized SVDs" if read_elements is None else "SVDs of the sampled rows"
     every = {1: "every", 2: "every 2nd", 3: "every 3rd"}.get(step, f"every {step}th")

@@ -65,6 +65,18 @@ static float lanes_total(const float *acc) {
     return s;
 }
 
+_Static_assert(BLOCK % LANES == 0, "the loops run to len rounded up to LANES, which must stay within BLOCK");
+
+/* x where mask is all ones, +0 where it is 0: a select GCC vectorizes in a loop that has others (a float
+ * `c ? x : 0` beside another on the same condition left the loop scalar). */
+static inline float kept_where(float x, int32_t mask) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    bits &= (uint32_t)mask;
+    memcpy(&x, &bits, sizeof bits);
+    return x;
+}
+
 /* Zeros after a block's `len` converted values, up to the LANES multiple the loops run to: every field's
  * contribution from a zero t_i, b and merged value is zero, so the padding changes no sum. */
 static void pad(float *buf, int len, int padded) {
@@ -76,15 +88,17 @@ static void pad(float *buf, int len, int padded) {
 static void masked_sums(const float *restrict ti, const float *restrict u, int n, double *abs_masked,
                         double *masked_sq, double *masked_dot, double *count, double *dot) {
     float absm[LANES] = {0}, msq[LANES] = {0}, mdot[LANES] = {0}, all_dot[LANES] = {0};
-    int32_t agree[LANES] = {0};  /* an int count: a second float select on the same condition kept GCC scalar */
+    int32_t agree[LANES] = {0};
     for (int k0 = 0; k0 < n; k0 += LANES)
         for (int l = 0; l < LANES; l++) {
             const int k = k0 + l;
-            const float p = ti[k] * u[k], um = p > 0.0f ? u[k] : 0.0f;  /* u where they agree, else 0 */
+            const float p = ti[k] * u[k];
+            const int32_t on = -(int32_t)(p > 0.0f);  /* all ones where they agree (never for a NaN) */
+            const float um = kept_where(u[k], on);
             absm[l] += __builtin_fabsf(um);
             msq[l] += um * um;
-            mdot[l] += ti[k] * um;
-            agree[l] += p > 0.0f;
+            mdot[l] += kept_where(p, on);  /* not t_i * um: a non-finite t_i times 0 is NaN */
+            agree[l] -= on;
             all_dot[l] += p;
         }
     *abs_masked += lanes_total(absm);
