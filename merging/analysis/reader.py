@@ -98,11 +98,6 @@ class AnalysisExecutor(Executor):
         whole = super().unit_bytes(task, band)
         return whole if sample is None else whole * len(sample.rows) // task.spec.shape[0]
 
-    def read_elements(self, task: TensorTask) -> int:
-        """The elements of one input read for a tensor: its sampled rows', or all of them."""
-        sample = self.sampled_rows.get(task.name)
-        return task.spec.numel if sample is None else task.spec.numel * len(sample.rows) // task.spec.shape[0]
-
     def sample_run(self, task: TensorTask) -> int:
         """The rows per cluster of what is read of a whole-tensor unit (1: every row is its own)."""
         sample = self.sampled_rows.get(task.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,7 +112,8 @@ def _analyze(config: MergeConfig, sources: dict[str, CheckpointSource], request:
     spectral_budget = request.spectral_elements
     if spectral_budget is None:
         spectral_budget = SPECTRAL_ELEMENTS if fraction == 1 else SAMPLED_SPECTRAL_ELEMENTS
-    chosen, spectral_note = spectral_choice(tasks, spectral_budget, None if fraction == 1 else executor.read_elements)
+    chosen, spectral_note = spectral_choice(tasks, spectral_budget, None if fraction == 1 else
+                                            lambda task: math.prod(executor.read_shape(task)))
     if spectral_note:
         notes.append(spectral_note)
     nonfinite.count_inputs = True  # a statistic over a NaN input is NaN or silently short: always say so

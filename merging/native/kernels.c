@@ -13,6 +13,19 @@
  */
 #include "kernels.h"
 
+/* How many of the stored values x[begin, end) of dtype dt are NaN or infinite: all exponent bits set. */
+static int64_t count_nonfinite_stored(const void *x, int dt, int64_t begin, int64_t end) {
+    int64_t bad = 0;
+    if (dt == DT_F32) {
+        const uint32_t *u = (const uint32_t *)x;
+        for (int64_t k = begin; k < end; k++) bad += (u[k] & 0x7f800000u) == 0x7f800000u;
+    } else {
+        const uint16_t *h = (const uint16_t *)x, exponent = dt == DT_BF16 ? 0x7f80u : 0x7c00u;
+        for (int64_t k = begin; k < end; k++) bad += (h[k] & exponent) == exponent;
+    }
+    return bad;
+}
+
 /* Store float32 values as dt (round to nearest even, NaN as torch writes it); returns how many stored values are
  * NaN or infinite, so that the caller need not scan the output again. */
 static int64_t from_f32(const float *restrict src, int n, void *dst, int dt, int64_t i0) {
@@ -35,8 +48,7 @@ static int64_t from_f32(const float *restrict src, int n, void *dst, int dt, int
             _mm_storeu_si128((__m128i *)(d + k), _mm256_cvtps_ph(_mm256_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT));
 #endif
         for (; k < n; k++) d[k] = (_Float16)src[k];
-        const uint16_t *bits = (const uint16_t *)d;
-        for (k = 0; k < n; k++) bad += (bits[k] & 0x7c00u) == 0x7c00u;
+        bad = count_nonfinite_stored(dst, DT_F16, i0, i0 + n);
     } else {
         float *d = (float *)dst + i0;
         for (int k = 0; k < n; k++) {
@@ -318,15 +330,7 @@ void ms_strided_magnitudes(const ms_magnitude_args *args, int64_t begin, int64_t
 /* How many of x's values in [begin, end) are NaN or infinite (all exponent bits set), read as stored: the
  * inputs' check of merging/nonfinite.py, which torch's float32-accumulated sum made a tenth of a TIES merge. */
 int64_t ms_count_nonfinite(const ms_magnitude_args *args, int64_t begin, int64_t end) {
-    int64_t bad = 0;
-    if (args->dt == DT_F32) {
-        const uint32_t *u = (const uint32_t *)args->x;
-        for (int64_t k = begin; k < end; k++) bad += (u[k] & 0x7f800000u) == 0x7f800000u;
-    } else {
-        const uint16_t *h = (const uint16_t *)args->x, exponent = args->dt == DT_BF16 ? 0x7f80u : 0x7c00u;
-        for (int64_t k = begin; k < end; k++) bad += (h[k] & exponent) == exponent;
-    }
-    return bad;
+    return count_nonfinite_stored(args->x, args->dt, begin, end);
 }
 
 /* The index just after the `ties`-th element (ties >= 1) from `begin` whose |x - b| (|x| without a base) equals

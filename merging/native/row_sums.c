@@ -65,6 +65,14 @@ static float lanes_total(const float *acc) {
     return s;
 }
 
+/* sum_k a[k] b[k] over n (a multiple of LANES) elements, LANES at a time */
+static float dot_lanes(const float *restrict a, const float *restrict b, int n) {
+    float acc[LANES] = {0};
+    for (int k0 = 0; k0 < n; k0 += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += a[k0 + l] * b[k0 + l];
+    return lanes_total(acc);
+}
+
 _Static_assert(BLOCK % LANES == 0, "the loops run to len rounded up to LANES, which must stay within BLOCK");
 
 /* x where mask is all ones, +0 where it is 0: a select GCC vectorizes in a loop that has others (a float
@@ -134,12 +142,10 @@ void ms_row_sums(const ms_row_sums_args *a, int64_t begin, int64_t end) {
         for (int64_t c0 = 0; c0 < cols; c0 += BLOCK) {
             const int len = cols - c0 < BLOCK ? (int)(cols - c0) : BLOCK, n = (len + LANES - 1) / LANES * LANES;
             const int64_t i0 = r * cols + c0;
-            float acc[LANES] = {0}, acc2[LANES] = {0};
+            float acc[LANES], acc2[LANES];  /* each loop below zeroes what it uses */
             to_f32(base, base_dt, i0, len, b);
             pad(b, len, n);
-            for (int k0 = 0; k0 < n; k0 += LANES)
-                for (int l = 0; l < LANES; l++) acc[l] += b[k0 + l] * b[k0 + l];
-            row[at[RS_base_sq]] += lanes_total(acc);
+            row[at[RS_base_sq]] += dot_lanes(b, b, n);
             for (int k = 0; k < n; k++) hi[k] = lo[k] = s1[k] = s3[k] = 0.0f;
             /* norms, |t|, and what the sign conflicts need: the largest and smallest t_i, how many are non-zero
              * (max/min rather than counts of each sign: counts compiled to masked stores, slow on AMD) */
@@ -164,11 +170,7 @@ void ms_row_sums(const ms_row_sums_args *a, int64_t begin, int64_t end) {
             }
             for (int i = 0; i < m; i++)
                 for (int j = i; j < m; j++) {
-                    const float *restrict ti = t[i], *restrict tj = t[j];
-                    for (int l = 0; l < LANES; l++) acc[l] = 0.0f;
-                    for (int k0 = 0; k0 < n; k0 += LANES)
-                        for (int l = 0; l < LANES; l++) acc[l] += ti[k0 + l] * tj[k0 + l];
-                    const float g = lanes_total(acc);
+                    const float g = dot_lanes(t[i], t[j], n);
                     row[at[RS_gram] + i * m + j] += g;
                     if (j != i) row[at[RS_gram] + j * m + i] += g;
                 }
@@ -208,10 +210,7 @@ void ms_row_sums(const ms_row_sums_args *a, int64_t begin, int64_t end) {
             row[at[RS_against]] += lanes_total(acc2);
             if (emr) {  /* EMR's election: sign of the sum (0 counts as -), the largest agreeing |t| */
                 elect_unified(n, m, t, s1, s2, u);
-                for (int l = 0; l < LANES; l++) acc[l] = 0.0f;
-                for (int k0 = 0; k0 < n; k0 += LANES)
-                    for (int l = 0; l < LANES; l++) acc[l] += u[k0 + l] * u[k0 + l];
-                row[at[RS_uni_sq]] += lanes_total(acc);
+                row[at[RS_uni_sq]] += dot_lanes(u, u, n);
                 for (int i = 0; i < m; i++)
                     masked_sums(t[i], u, n, row + at[RS_abs_masked] + i, row + at[RS_masked_sq] + i,
                                 row + at[RS_masked_dot] + i, row + at[RS_count] + i, row + at[RS_dot] + i);
